@@ -1,0 +1,1 @@
+"""Fixtures for mount tests (filled by the mount work)."""

@@ -1,0 +1,1 @@
+"""Fixtures for registry tests (filled by the registry work)."""

@@ -1,0 +1,525 @@
+"""The seekable EROFS layer format: chunk table, frames, encoder.
+
+Pure code: bytes in, bytes out (the encoder streams between two files). The
+chain of trust lives here: a descriptor's ``chunk_digest`` vouches for the
+chunk table, the table's SHA-512 entries vouch for each compressed frame, and
+the table's sizes vouch for each frame's decompressed length.
+:func:`decode_frame` is the one place where fetched bytes become servable data.
+
+Blob layout (all integers little-endian)::
+
+    [zstd frame 0]...[zstd frame N-1][skippable: chunk table][skippable: dm-verity]?
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import hashlib
+import os
+import re
+import struct
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import zstandard
+
+from lazyfs.errors import FormatError, IntegrityError
+
+__all__ = [
+    "ANNOTATION_CHUNK_DIGEST",
+    "ANNOTATION_TABLE_OFFSET",
+    "ANNOTATION_VERITY_OFFSET",
+    "ANNOTATION_VERITY_ROOT",
+    "DEFAULT_CHUNK_SIZE",
+    "HASH_NONE",
+    "HASH_SHA512",
+    "MAX_CHUNK_SIZE",
+    "MEDIA_TYPE_PLAIN",
+    "MEDIA_TYPE_SEEKABLE",
+    "TABLE_MAGIC",
+    "ChunkTable",
+    "EncodeResult",
+    "LayerDescriptor",
+    "check_digest",
+    "decode_frame",
+    "encode_image",
+    "parse_chunk_table",
+    "parse_decimal",
+    "parse_descriptor",
+    "read_chunk_table",
+    "skippable_frame",
+]
+
+MEDIA_TYPE_SEEKABLE = "application/vnd.erofs.layer.v1+zstd"
+MEDIA_TYPE_PLAIN = "application/vnd.erofs.layer.v1"
+
+ANNOTATION_TABLE_OFFSET = "dev.containerd.erofs.zstd.chunk_table_offset"
+ANNOTATION_CHUNK_DIGEST = "dev.containerd.erofs.zstd.chunk_digest"
+ANNOTATION_VERITY_OFFSET = "dev.containerd.erofs.dmverity.offset"
+ANNOTATION_VERITY_ROOT = "dev.containerd.erofs.dmverity.root_digest"
+
+TABLE_MAGIC = 0xCDE4EC67
+TABLE_VERSION = 1
+HASH_NONE = 0
+HASH_SHA512 = 1
+HASH_SIZES = {HASH_NONE: 0, HASH_SHA512: 64}
+
+SKIPPABLE_MAGIC_FIRST = 0x184D2A50
+SKIPPABLE_MAGIC_LAST = 0x184D2A5F
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+DEFAULT_CHUNK_SIZE = 4 << 20
+# The format allows any u32; a frame is decompressed into memory whole, so a
+# table asking for more than this is refused rather than trusted.
+MAX_CHUNK_SIZE = 256 << 20
+# A chunk table larger than this would describe tens of TiB of image.
+MAX_TABLE_SIZE = 256 << 20
+# Smallest possible zstd frame: magic (4) + frame header (2) + block header (3).
+MIN_FRAME_SIZE = 9
+
+_HEADER = struct.Struct("<IIQIBH")  # magic, version, size, chunk_size, algo, reserved
+_SKIP_HEADER = struct.Struct("<II")
+_ENTRY_OFFSET = struct.Struct("<Q")
+
+_DIGEST_RE = {
+    "sha256": re.compile(r"sha256:[0-9a-f]{64}"),
+    "sha512": re.compile(r"sha512:[0-9a-f]{128}"),
+}
+_DECIMAL_RE = re.compile(r"(0|[1-9][0-9]{0,18})")
+
+
+def check_digest(value: object, *, what: str = "digest", algorithms: tuple[str, ...] = ("sha256", "sha512")) -> str:
+    """Return ``value`` if it is exactly ``sha256:``+64 or ``sha512:``+128 lowercase hex.
+
+    Digests end up in URLs and cache paths, so nothing else gets through.
+    """
+    if isinstance(value, str):
+        algo = value.split(":", 1)[0]
+        if algo in algorithms and _DIGEST_RE[algo].fullmatch(value):
+            return value
+    allowed = " or ".join(f"{a}:<hex>" for a in algorithms)
+    raise FormatError(f"{what} {value!r} is not a valid {allowed} digest")
+
+
+def parse_decimal(value: object, *, what: str) -> int:
+    """Parse an annotation that must be a plain non-negative decimal integer."""
+    if isinstance(value, str) and _DECIMAL_RE.fullmatch(value):
+        return int(value)
+    raise FormatError(f"{what} {value!r} is not a plain decimal integer")
+
+
+def skippable_frame(payload: bytes, magic: int = SKIPPABLE_MAGIC_FIRST) -> bytes:
+    """Wrap ``payload`` in a zstd skippable frame (plain decoders pass over it)."""
+    if not SKIPPABLE_MAGIC_FIRST <= magic <= SKIPPABLE_MAGIC_LAST:
+        raise ValueError(f"0x{magic:08x} is not a skippable-frame magic")
+    return _SKIP_HEADER.pack(magic, len(payload)) + payload
+
+
+# --------------------------------------------------------------------------
+# Descriptor
+
+
+@dataclass(frozen=True)
+class LayerDescriptor:
+    """An OCI layer descriptor with the seekable-EROFS annotations checked.
+
+    ``table_offset``/``chunk_digest`` are None for plain EROFS layers, and
+    ``chunk_digest`` may be None for a seekable layer that lacks one (which
+    is only usable with verification switched off).
+    """
+
+    media_type: str
+    digest: str
+    size: int
+    table_offset: int | None = None
+    chunk_digest: str | None = None
+    verity_offset: int | None = None
+    verity_root: str | None = None
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def seekable(self) -> bool:
+        return self.media_type == MEDIA_TYPE_SEEKABLE
+
+    @property
+    def table_end(self) -> int:
+        """Where the chunk-table frame must end: the verity frame or EOF."""
+        return self.verity_offset if self.verity_offset is not None else self.size
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mediaType": self.media_type, "digest": self.digest, "size": self.size}
+        if self.annotations:
+            out["annotations"] = dict(self.annotations)
+        return out
+
+
+def parse_descriptor(desc: Mapping[str, Any], *, name: str = "layer") -> LayerDescriptor:
+    """Check an OCI descriptor dict and its annotations; FormatError names the field."""
+    if not isinstance(desc, Mapping):
+        raise FormatError(f"{name}: descriptor is not a JSON object")
+    media_type = desc.get("mediaType")
+    if not isinstance(media_type, str):
+        raise FormatError(f"{name}: descriptor has no mediaType")
+    digest = check_digest(desc.get("digest"), what=f"{name}: descriptor digest")
+    size = desc.get("size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise FormatError(f"{name}: descriptor size {size!r} is not a non-negative integer")
+    ann = desc.get("annotations") or {}
+    if not isinstance(ann, Mapping) or not all(isinstance(v, str) for v in ann.values()):
+        raise FormatError(f"{name}: annotations must map strings to strings")
+    if media_type != MEDIA_TYPE_SEEKABLE:
+        return LayerDescriptor(media_type, digest, size, annotations=dict(ann))
+
+    if ANNOTATION_TABLE_OFFSET not in ann:
+        raise FormatError(f"{name}: seekable layer lacks annotation {ANNOTATION_TABLE_OFFSET}")
+    table_offset = parse_decimal(ann[ANNOTATION_TABLE_OFFSET], what=f"{name}: {ANNOTATION_TABLE_OFFSET}")
+    chunk_digest = None
+    if ANNOTATION_CHUNK_DIGEST in ann:
+        chunk_digest = check_digest(
+            ann[ANNOTATION_CHUNK_DIGEST], what=f"{name}: {ANNOTATION_CHUNK_DIGEST}", algorithms=("sha512",)
+        )
+    verity_offset = verity_root = None
+    if ANNOTATION_VERITY_OFFSET in ann:
+        verity_offset = parse_decimal(ann[ANNOTATION_VERITY_OFFSET], what=f"{name}: {ANNOTATION_VERITY_OFFSET}")
+        root = ann.get(ANNOTATION_VERITY_ROOT)
+        if root is None:
+            raise FormatError(f"{name}: {ANNOTATION_VERITY_OFFSET} given without {ANNOTATION_VERITY_ROOT}")
+        verity_root = check_digest(root, what=f"{name}: {ANNOTATION_VERITY_ROOT}", algorithms=("sha256", "sha512"))
+        if not table_offset < verity_offset <= size - 8:
+            raise FormatError(
+                f"{name}: {ANNOTATION_VERITY_OFFSET}={verity_offset} must lie after the chunk table "
+                f"({table_offset}) and inside the blob (size {size})"
+            )
+    if table_offset + 8 + _HEADER.size > (verity_offset if verity_offset is not None else size):
+        raise FormatError(
+            f"{name}: {ANNOTATION_TABLE_OFFSET}={table_offset} leaves no room for a chunk table "
+            f"in a blob of {size} bytes"
+        )
+    return LayerDescriptor(
+        media_type, digest, size, table_offset, chunk_digest, verity_offset, verity_root, dict(ann)
+    )
+
+
+# --------------------------------------------------------------------------
+# Chunk table
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """A parsed, validated chunk table. Frame ``i`` holds image bytes
+    ``[i*chunk_size, min((i+1)*chunk_size, uncompressed_size))``."""
+
+    uncompressed_size: int
+    chunk_size: int
+    hash_algo: int
+    offsets: tuple[int, ...]
+    checksums: tuple[bytes, ...]
+    table_offset: int
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def compressed_size(self) -> int:
+        return self.table_offset - (self.offsets[0] if self.offsets else 0)
+
+    def span(self, i: int) -> tuple[int, int]:
+        """Blob byte range ``[start, end)`` of frame ``i``."""
+        end = self.offsets[i + 1] if i + 1 < len(self.offsets) else self.table_offset
+        return self.offsets[i], end
+
+    def raw_length(self, i: int) -> int:
+        """Decompressed length frame ``i`` must have."""
+        return min(self.chunk_size, self.uncompressed_size - i * self.chunk_size)
+
+    def frames_for(self, offset: int, size: int) -> range:
+        """Frames covering image bytes ``[offset, offset+size)``, clamped to the image."""
+        end = min(offset + size, self.uncompressed_size)
+        if size <= 0 or offset >= end:
+            return range(0)
+        return range(offset // self.chunk_size, (end - 1) // self.chunk_size + 1)
+
+
+def parse_chunk_table(
+    frame: bytes,
+    *,
+    table_offset: int,
+    blob_size: int,
+    expected_digest: str | None,
+    name: str = "layer",
+) -> ChunkTable:
+    """Parse the chunk-table skippable frame read from ``table_offset``.
+
+    ``frame`` starts at the 8-byte skippable header and may run on past the
+    table (to the verity frame or EOF). ``expected_digest`` is the
+    descriptor's ``chunk_digest``; None means the caller opted out of
+    verification, and then a table without checksums is accepted too.
+    Every field is checked before it is used; nothing is allocated from an
+    unverified size.
+    """
+    where = f"{name}: chunk table at offset {table_offset}"
+    if len(frame) < _SKIP_HEADER.size:
+        raise FormatError(f"{where}: truncated skippable-frame header ({len(frame)} bytes)")
+    magic, payload_size = _SKIP_HEADER.unpack_from(frame)
+    if not SKIPPABLE_MAGIC_FIRST <= magic <= SKIPPABLE_MAGIC_LAST:
+        raise FormatError(f"{where}: frame magic 0x{magic:08x} is not a zstd skippable frame")
+    if table_offset + _SKIP_HEADER.size + payload_size > blob_size:
+        raise FormatError(
+            f"{where}: payload size {payload_size} runs past the end of the blob ({blob_size} bytes)"
+        )
+    if len(frame) < _SKIP_HEADER.size + payload_size:
+        raise FormatError(f"{where}: got {len(frame) - 8} of {payload_size} payload bytes")
+    payload = frame[_SKIP_HEADER.size : _SKIP_HEADER.size + payload_size]
+
+    if expected_digest is not None:
+        actual = "sha512:" + hashlib.sha512(payload).hexdigest()
+        if actual != expected_digest:
+            raise IntegrityError(
+                f"{where}: payload digest {actual[:23]}... does not match chunk_digest {expected_digest[:23]}..."
+            )
+
+    if payload_size < _HEADER.size:
+        raise FormatError(f"{where}: payload of {payload_size} bytes is shorter than the 23-byte header")
+    t_magic, version, usize, chunk_size, algo, reserved = _HEADER.unpack_from(payload)
+    if t_magic != TABLE_MAGIC:
+        raise FormatError(f"{where}: table magic 0x{t_magic:08x} != 0x{TABLE_MAGIC:08x}")
+    if version != TABLE_VERSION:
+        raise FormatError(f"{where}: unsupported table version {version}")
+    if reserved != 0:
+        raise FormatError(f"{where}: reserved field is {reserved}, must be 0")
+    if chunk_size == 0:
+        raise FormatError(f"{where}: chunk_size is 0")
+    if chunk_size > MAX_CHUNK_SIZE:
+        raise FormatError(f"{where}: chunk_size {chunk_size} exceeds the limit of {MAX_CHUNK_SIZE}")
+    if algo not in HASH_SIZES:
+        raise FormatError(f"{where}: unknown hash_algo {algo}")
+    if algo == HASH_NONE and expected_digest is not None:
+        raise IntegrityError(f"{where}: hash_algo 0 (no frame checksums): the chain of trust stops here")
+    hash_size = HASH_SIZES[algo]
+    count = -(-usize // chunk_size)
+    if count * MIN_FRAME_SIZE > table_offset:
+        raise FormatError(f"{where}: {count} frames cannot fit in the {table_offset} bytes before the table")
+    expected_size = _HEADER.size + count * (8 + hash_size)
+    if payload_size != expected_size:
+        raise FormatError(
+            f"{where}: payload size {payload_size} != {expected_size} "
+            f"(23 + {count} entries x {8 + hash_size} bytes)"
+        )
+
+    entry = 8 + hash_size
+    offsets: list[int] = []
+    checksums: list[bytes] = []
+    previous = -1
+    for i in range(count):
+        pos = _HEADER.size + i * entry
+        (off,) = _ENTRY_OFFSET.unpack_from(payload, pos)
+        if off <= previous:
+            raise FormatError(f"{where}: frame {i} offset {off} is not above frame {i - 1} offset {previous}")
+        if off >= table_offset:
+            raise FormatError(f"{where}: frame {i} offset {off} is at or past the table offset")
+        offsets.append(off)
+        checksums.append(payload[pos + 8 : pos + entry])
+        previous = off
+    return ChunkTable(usize, chunk_size, algo, tuple(offsets), tuple(checksums), table_offset)
+
+
+def read_chunk_table(
+    data: bytes, desc: LayerDescriptor, *, verify: bool = True, name: str = "layer"
+) -> ChunkTable:
+    """Parse the table from ``data`` = blob bytes ``[table_offset, table_end)``.
+
+    With ``verify`` a missing ``chunk_digest`` is refused; without it the
+    table is taken on trust (the caller has said so loudly).
+    """
+    if desc.table_offset is None:
+        raise FormatError(f"{name}: not a seekable layer ({desc.media_type})")
+    if verify and desc.chunk_digest is None:
+        raise IntegrityError(
+            f"{name}: descriptor has no {ANNOTATION_CHUNK_DIGEST}; the chunk table cannot be verified"
+        )
+    return parse_chunk_table(
+        data,
+        table_offset=desc.table_offset,
+        blob_size=desc.table_end,
+        expected_digest=desc.chunk_digest if verify else None,
+        name=name,
+    )
+
+
+def table_read_size(desc: LayerDescriptor) -> int:
+    """How many bytes from ``table_offset`` to fetch to get the whole table."""
+    assert desc.table_offset is not None
+    return min(desc.table_end - desc.table_offset, MAX_TABLE_SIZE)
+
+
+# --------------------------------------------------------------------------
+# Frames
+
+
+def _window_cap(chunk_size: int) -> int:
+    # A frame never needs a window larger than its content; allow the usual
+    # 8 MiB of streaming encoders plus headroom, refuse anything bigger.
+    return max(32 << 20, 1 << (chunk_size - 1).bit_length())
+
+
+def decode_frame(table: ChunkTable, i: int, compressed: bytes, *, name: str = "layer") -> bytes:
+    """Turn fetched frame bytes into servable image bytes, or raise.
+
+    Order matters: the compressed span is hashed first (so a hostile frame
+    never reaches the decompressor), then decompressed with a hard output
+    cap, then its length checked.
+    """
+    start, end = table.span(i)
+    if len(compressed) != end - start:
+        raise IntegrityError(f"{name}: frame {i}: got {len(compressed)} bytes, span is {end - start}")
+    if table.hash_algo == HASH_SHA512:
+        digest = hashlib.sha512(compressed).digest()
+        if digest != table.checksums[i]:
+            raise IntegrityError(
+                f"{name}: frame {i} (bytes {start}-{end - 1}) SHA-512 mismatch: "
+                f"got {digest.hex()[:16]}..., table says {table.checksums[i].hex()[:16]}..."
+            )
+    expected = table.raw_length(i)
+    try:
+        raw = zstandard.ZstdDecompressor(max_window_size=_window_cap(table.chunk_size)).decompress(
+            compressed, max_output_size=expected, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{name}: frame {i} does not decompress to {expected} bytes: {exc}") from exc
+    if len(raw) != expected:
+        raise IntegrityError(f"{name}: frame {i} decompressed to {len(raw)} bytes, expected {expected}")
+    return raw
+
+
+# --------------------------------------------------------------------------
+# Encoder
+
+
+@dataclass(frozen=True)
+class EncodeResult:
+    """What :func:`encode_image` wrote."""
+
+    descriptor: dict[str, Any]
+    diff_id: str  # sha256 of the raw EROFS image, as containerd records it
+    uncompressed_size: int
+    chunk_size: int
+    frame_count: int
+    verity_root: str | None = None  # hex, no algorithm prefix
+    verity_hash_offset: int | None = None  # of the materialized layout
+
+
+def _read_chunks(src: BinaryIO, chunk_size: int) -> Iterator[bytes]:
+    while True:
+        chunk = src.read(chunk_size)
+        if not chunk:
+            return
+        yield chunk
+
+
+def encode_image(
+    src_path: str | os.PathLike[str],
+    dst_path: str | os.PathLike[str],
+    *,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    level: int = 3,
+    dm_verity: bool = False,
+    verity_block_size: int = 4096,
+    workers: int | None = None,
+) -> EncodeResult:
+    """Write the seekable blob of the raw EROFS image at ``src_path``.
+
+    Streams: at most ``2 * workers`` chunks are in memory at once, so a
+    multi-GiB image needs no more than a few chunk sizes of RAM. Frames are
+    compressed in threads (zstd releases the GIL) but written in order.
+    The output is written to a temporary name and renamed on success.
+    """
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk size must be in 1..{MAX_CHUNK_SIZE}, got {chunk_size}")
+    workers = workers or min(4, os.cpu_count() or 1)
+    local = threading.local()  # a ZstdCompressor must not be shared between threads
+    dst_path = os.fspath(dst_path)
+    tmp_path = f"{dst_path}.tmp.{os.getpid()}"
+    blob_hash = hashlib.sha256()
+    image_hash = hashlib.sha256()
+    offsets: list[int] = []
+    checksums: list[bytes] = []
+    position = 0
+    usize = 0
+
+    def compress(chunk: bytes) -> tuple[bytes, bytes]:
+        if not hasattr(local, "cctx"):
+            local.cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+        frame = local.cctx.compress(chunk)
+        return frame, hashlib.sha512(frame).digest()
+
+    try:
+        with open(src_path, "rb") as src, open(tmp_path, "wb") as dst:
+
+            def emit(data: bytes) -> None:
+                nonlocal position
+                dst.write(data)
+                blob_hash.update(data)
+                position += len(data)
+
+            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                pending: list[concurrent.futures.Future[tuple[bytes, bytes]]] = []
+                for chunk in _read_chunks(src, chunk_size):
+                    image_hash.update(chunk)
+                    usize += len(chunk)
+                    pending.append(pool.submit(compress, chunk))
+                    while len(pending) >= 2 * workers or (pending and pending[0].done()):
+                        frame, digest = pending.pop(0).result()
+                        offsets.append(position)
+                        checksums.append(digest)
+                        emit(frame)
+                for fut in pending:
+                    frame, digest = fut.result()
+                    offsets.append(position)
+                    checksums.append(digest)
+                    emit(frame)
+
+            payload = bytearray(_HEADER.pack(TABLE_MAGIC, TABLE_VERSION, usize, chunk_size, HASH_SHA512, 0))
+            for off, digest in zip(offsets, checksums, strict=True):
+                payload += _ENTRY_OFFSET.pack(off) + digest
+            table_offset = position
+            emit(skippable_frame(bytes(payload)))
+            annotations = {
+                ANNOTATION_TABLE_OFFSET: str(table_offset),
+                ANNOTATION_CHUNK_DIGEST: "sha512:" + hashlib.sha512(payload).hexdigest(),
+            }
+            verity_root = verity_hash_offset = None
+            if dm_verity:
+                from lazyfs import verity  # only needed here
+
+                src.seek(0)
+                vpayload, verity_root = verity.build_payload(src, usize, block_size=verity_block_size)
+                annotations[ANNOTATION_VERITY_OFFSET] = str(position)
+                annotations[ANNOTATION_VERITY_ROOT] = f"sha512:{verity_root}"
+                verity_hash_offset = verity.materialized_hash_offset(usize, verity_block_size)
+                emit(skippable_frame(vpayload))
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp_path, dst_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_path)
+        raise
+    descriptor = {
+        "mediaType": MEDIA_TYPE_SEEKABLE,
+        "digest": "sha256:" + blob_hash.hexdigest(),
+        "size": position,
+        "annotations": annotations,
+    }
+    return EncodeResult(
+        descriptor=descriptor,
+        diff_id="sha256:" + image_hash.hexdigest(),
+        uncompressed_size=usize,
+        chunk_size=chunk_size,
+        frame_count=len(offsets),
+        verity_root=verity_root,
+        verity_hash_offset=verity_hash_offset,
+    )

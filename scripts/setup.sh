@@ -10,7 +10,7 @@ DEB_PACKAGES=(
   docker-registry apache2-utils   # a real OCI registry (+ htpasswd) for tests
   cryptsetup-bin                  # veritysetup: userspace dm-verity checks
   zstd                            # the plain zstd CLI, for interop tests
-  util-linux                      # losetup, mount
+  util-linux curl                 # losetup, mount; curl for raw registry calls in tests
   debootstrap                     # the benchmark's Debian rootfs
   python3-venv python3-dev gcc
 )

@@ -1,0 +1,118 @@
+"""``lazyerofs mount``: serve an image's seekable EROFS layers lazily over FUSE."""
+
+from __future__ import annotations
+
+import argparse
+
+from lazyfs.daemon import MountConfig, run_mount
+from lazyfs.layer import DEFAULT_MERGE_BYTES, DEFAULT_READ_TIMEOUT
+from lazyfs.units import parse_size
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "mount",
+        help="mount an image's layers lazily (FUSE), optionally as a rootfs",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="""\
+Resolve REF, read each seekable EROFS layer's chunk table (verified against
+its chunk_digest) and mount a read-only FUSE tree at DIR:
+
+  DIR/manifest.json                     the resolved image manifest
+  DIR/layers/<i>/layer.erofs            raw EROFS image of layer i (0 = bottom)
+  DIR/layers/<i>/layer.erofs.dmverity   containerd's sidecar (dm-verity layers)
+  DIR/layers/<i>/digest                 the layer blob's digest
+  DIR/.lazyerofs/stats.json             live counters ('lazyerofs stats DIR')
+
+Only the zstd frames that are read are fetched (HTTP range requests); each is
+checked against its SHA-512 before a byte is served and kept in the chunk
+cache. Returns once the mount is ready; on failure nothing stays mounted.""",
+        epilog="""\
+examples:
+  lazyerofs mount localhost:5000/app:v1 /mnt/app
+  lazyerofs mount --rootfs /mnt/rootfs localhost:5000/app:v1 /mnt/app
+  lazyerofs mount --descriptor layer.blob.json https://host/layer.blob /mnt/one
+  lazyerofs umount /mnt/app""",
+    )
+    p.add_argument("ref", metavar="REF", help="image reference, or a blob URL with --descriptor")
+    p.add_argument("mountpoint", metavar="DIR", help="empty directory to mount the tree on")
+    p.add_argument("--descriptor", metavar="FILE", help="REF is one blob URL; FILE is its OCI descriptor JSON")
+    p.add_argument(
+        "--rootfs",
+        metavar="DIR",
+        help="also mount every layer with the kernel EROFS driver and stack them (overlayfs) at DIR",
+    )
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    p.add_argument("--log-file", metavar="FILE", help="daemon log (default: /run/lazyerofs/<id>.log)")
+    g = p.add_argument_group("cache")
+    g.add_argument("--cache-dir", metavar="DIR", help="chunk cache directory (default: /var/cache/lazyerofs as root)")
+    g.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="disk budget, e.g. 10GiB (default: 10GiB)")
+    g.add_argument("--memory-cache", type=parse_size, metavar="SIZE", help="in-memory LRU of hot chunks (default: 256MiB)")
+    g.add_argument("--verify-at-rest", action="store_true", help="re-check cached chunks' digests when read back")
+    g = p.add_argument_group("reads")
+    g.add_argument(
+        "--read-timeout",
+        type=float,
+        default=DEFAULT_READ_TIMEOUT,
+        metavar="SECONDS",
+        help=f"a read that cannot be served by then fails with EIO (default: {DEFAULT_READ_TIMEOUT:g})",
+    )
+    g.add_argument(
+        "--merge-size",
+        type=parse_size,
+        default=DEFAULT_MERGE_BYTES,
+        metavar="SIZE",
+        help="fetch adjacent missing frames in one request up to SIZE compressed bytes (default: 8MiB)",
+    )
+    g = p.add_argument_group("trust")
+    g.add_argument(
+        "--insecure-skip-verify",
+        action="store_true",
+        help="DANGEROUS: serve layers whose chain of trust cannot be established (no chunk_digest, hash_algo 0)",
+    )
+    g.add_argument("--strict", action="store_true", help="refuse images with non-EROFS layers instead of skipping them")
+    try:
+        from lazyfs.commands._registry_opts import add_registry_options
+    except ImportError:
+        pass
+    else:
+        add_registry_options(p)
+    p.add_argument("--touch-log", metavar="FILE", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    registry_options = None
+    try:
+        from lazyfs.commands._registry_opts import options_from_args
+    except ImportError:
+        pass
+    else:
+        registry_options = options_from_args(args)
+    cfg = MountConfig(
+        ref=args.ref,
+        mountpoint=args.mountpoint,
+        descriptor_file=args.descriptor,
+        rootfs=args.rootfs,
+        cache_dir=args.cache_dir,
+        cache_size=args.cache_size,
+        memory_cache=args.memory_cache,
+        verify_at_rest=args.verify_at_rest,
+        read_timeout=args.read_timeout,
+        merge_bytes=args.merge_size,
+        insecure_skip_verify=args.insecure_skip_verify,
+        strict=args.strict,
+        foreground=args.foreground,
+        log_file=args.log_file,
+        log_level="debug" if args.log_level == "debug" else "info",
+        registry=registry_options,
+        touch_log=args.touch_log,
+    )
+    if cfg.insecure_skip_verify:
+        import sys
+
+        print(
+            "lazyerofs: WARNING: --insecure-skip-verify: layers without a chain of trust will be served unverified",
+            file=sys.stderr,
+        )
+    return run_mount(cfg)

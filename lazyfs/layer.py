@@ -1,0 +1,367 @@
+"""One remote layer as a random-access file of verified bytes.
+
+``await layer.read(offset, size)`` returns exactly the bytes of the layer's
+virtual file, fetching, verifying and caching only the frames that cover the
+range. Everything that turns fetched bytes into servable bytes goes through
+:func:`lazyfs.seekable.decode_frame` (seekable layers) or
+:meth:`lazyfs.verity.HashTree.verify_blocks` (the dm-verity tail).
+
+Concurrency: reads of the same cold frame share one flight. The first reader
+to miss becomes the leader, fetches a run of adjacent missing frames in one
+range request, verifies and caches them, and hands the bytes to everyone
+waiting on them. Hashing, decompression and cache I/O run in worker threads
+(both zstd and hashlib release the GIL) under a capacity limiter, so the trio
+loop keeps serving other reads meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import trio
+
+from lazyfs import seekable
+from lazyfs.errors import FetchError, IntegrityError, LazyErofsError
+
+__all__ = [
+    "DEFAULT_MERGE_BYTES",
+    "DEFAULT_READ_TIMEOUT",
+    "BlobSource",
+    "LayerStats",
+    "PlainLayer",
+    "SeekableLayer",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_READ_TIMEOUT = 60.0
+# Adjacent missing frames are fetched in one range request up to this many
+# compressed bytes: fewer round trips without one read waiting on a huge body.
+DEFAULT_MERGE_BYTES = 8 << 20
+
+
+class BlobSource(Protocol):
+    """What a layer needs from the network: exact byte ranges of one blob."""
+
+    size: int
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+
+
+class FrameCache(Protocol):
+    """The part of :class:`cache.ChunkCache` a layer uses (sync, thread-safe)."""
+
+    def get(self, key: bytes, size: int) -> bytes | None: ...
+
+    def put(self, key: bytes, data: bytes) -> bool: ...
+
+
+@dataclass
+class LayerStats:
+    """Counters of one layer; the daemon sums them for ``lazyerofs stats``."""
+
+    bytes_fetched: int = 0
+    requests: int = 0
+    frames_fetched: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    verify_failures: int = 0
+    read_errors: int = 0
+    fetched_frames: set[int] = field(default_factory=set)
+
+
+class _Flight:
+    """One in-progress fetch of a frame; waiters block on ``done``."""
+
+    __slots__ = ("data", "done", "error")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+
+
+class SeekableLayer:
+    """A seekable EROFS layer: the raw image, optionally followed by its
+    materialized dm-verity tail (zero pad + verity payload)."""
+
+    def __init__(
+        self,
+        name: str,
+        desc: seekable.LayerDescriptor,
+        table: seekable.ChunkTable,
+        source: BlobSource,
+        cache: FrameCache,
+        *,
+        limiter: trio.CapacityLimiter,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+        merge_bytes: int = DEFAULT_MERGE_BYTES,
+        verified: bool = True,
+        verity: Any = None,
+        on_touch: Callable[[int], None] | None = None,
+    ) -> None:
+        self.name = name
+        self.desc = desc
+        self.table = table
+        self.source = source
+        self.cache = cache
+        self.limiter = limiter
+        self.read_timeout = read_timeout
+        self.merge_bytes = merge_bytes
+        self.verified = verified
+        self.verity = verity  # lazyfs.verity_tail.VerityTail or None
+        self.on_touch = on_touch
+        self.stats = LayerStats()
+        self._flights: dict[int, _Flight] = {}
+        # Frames known to be in the cache: a shortcut for the miss decision
+        # only; the cache stays the source of truth.
+        self._present: set[int] = set()
+        if not verified:
+            # Without checksums, key frames by blob digest and index so an
+            # unverified frame can never be served in place of a verified one.
+            salt = hashlib.sha512(b"lazyerofs-unverified\0" + desc.digest.encode()).digest()
+            self._keys = [hashlib.sha512(salt + i.to_bytes(8, "little")).digest() for i in range(table.frame_count)]
+            self._decode_table = replace(table, hash_algo=seekable.HASH_NONE)
+        else:
+            self._keys = list(table.checksums)
+            self._decode_table = table
+
+    # -- sizes -------------------------------------------------------------------
+
+    @property
+    def image_size(self) -> int:
+        return self.table.uncompressed_size
+
+    @property
+    def size(self) -> int:
+        """Size of the virtual file (image, or image + verity tail)."""
+        return self.verity.end if self.verity is not None else self.image_size
+
+    @property
+    def frames_present(self) -> int:
+        return len(self._present)
+
+    # -- reads -------------------------------------------------------------------
+
+    async def read(self, offset: int, size: int) -> bytes:
+        """Bytes ``[offset, offset+size)`` of the virtual file, clamped at EOF.
+
+        Raises FetchError or IntegrityError (after one refetch) if the bytes
+        cannot be had and verified within ``read_timeout``.
+        """
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        try:
+            with trio.fail_after(self.read_timeout):
+                parts: list[bytes] = []
+                if offset < self.image_size:
+                    parts.append(await self._read_image(offset, min(end, self.image_size)))
+                if end > self.image_size:
+                    assert self.verity is not None
+                    parts.append(await self.verity.read(max(offset, self.image_size), end))
+        except trio.TooSlowError as exc:
+            self.stats.read_errors += 1
+            raise FetchError(
+                f"{self.name}: read of {end - offset} bytes at {offset} timed out after {self.read_timeout:g}s"
+            ) from exc
+        except LazyErofsError:
+            self.stats.read_errors += 1
+            raise
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _read_image(self, offset: int, end: int) -> bytes:
+        frames = self.table.frames_for(offset, end - offset)
+        datas = await self._frames(frames)
+        cs = self.table.chunk_size
+        first = frames.start
+        if len(datas) == 1:
+            base = first * cs
+            return datas[0][offset - base : end - base]
+        out = bytearray()
+        for i, data in zip(frames, datas, strict=True):
+            base = i * cs
+            out += data[max(offset - base, 0) : min(end - base, len(data))]
+        return bytes(out)
+
+    async def _frames(self, frames: range) -> list[bytes]:
+        """Data of each frame in ``frames``, from cache or one shared fetch."""
+        results: dict[int, bytes] = {}
+        missing: list[int] = []
+        for i in frames:
+            if self.on_touch is not None:
+                self.on_touch(i)
+            flight = self._flights.get(i)
+            if flight is not None:
+                continue  # joined below
+            data = await self._cache_get(i)
+            if data is not None:
+                results[i] = data
+            else:
+                missing.append(i)
+        if missing:
+            await self._fetch_runs(missing)
+        for i in frames:
+            if i in results:
+                continue
+            flight = self._flights.get(i)
+            if flight is None:
+                # Finished between our look and now: it is in the cache.
+                data = await self._cache_get(i)
+                if data is None:
+                    raise FetchError(f"{self.name}: frame {i} vanished from the cache")
+                results[i] = data
+                continue
+            await flight.done.wait()
+            if flight.error is not None:
+                raise flight.error
+            assert flight.data is not None
+            results[i] = flight.data
+        return [results[i] for i in frames]
+
+    async def _cache_get(self, i: int) -> bytes | None:
+        data = await trio.to_thread.run_sync(
+            self.cache.get, self._keys[i], self.table.raw_length(i), limiter=self.limiter
+        )
+        if data is None:
+            self.stats.cache_misses += 1
+            self._present.discard(i)
+        else:
+            self.stats.cache_hits += 1
+            self._present.add(i)
+        return data
+
+    async def _fetch_runs(self, missing: list[int]) -> None:
+        """Become the leader for every missing frame nobody is fetching yet,
+        and fetch them as runs of adjacent frames (one request per run)."""
+        # Skip frames another task fetched while we looked in the cache.
+        mine = [i for i in missing if i not in self._flights and i not in self._present]
+        for i in mine:
+            self._flights[i] = _Flight()
+        runs: list[list[int]] = []
+        for i in mine:
+            if runs and runs[-1][-1] == i - 1 and self._span_bytes(runs[-1][0], i) <= self.merge_bytes:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        async with trio.open_nursery() as nursery:
+            for run in runs:
+                nursery.start_soon(self._lead, run)
+
+    def _span_bytes(self, first: int, last: int) -> int:
+        return self.table.span(last)[1] - self.table.span(first)[0]
+
+    async def _lead(self, run: list[int]) -> None:
+        """Fetch, verify and cache one run; always settles every flight."""
+        flights = [self._flights[i] for i in run]
+        try:
+            start = self.table.span(run[0])[0]
+            end = self.table.span(run[-1])[1]
+            blob = await self._fetch(start, end - start)
+            for i, flight in zip(run, flights, strict=True):
+                s, e = self.table.span(i)
+                try:
+                    flight.data = await self._decode(i, blob[s - start : e - start])
+                except IntegrityError as first_error:
+                    # A bad frame may be a transport accident: refetch once.
+                    self.stats.verify_failures += 1
+                    log.warning("%s; refetching frame %d once", first_error, i)
+                    try:
+                        flight.data = await self._decode(i, await self._fetch(s, e - s))
+                    except IntegrityError as exc:
+                        self.stats.verify_failures += 1
+                        log.error("%s", exc)
+                        raise
+                self._present.add(i)
+                flight.done.set()
+        except BaseException as exc:
+            if isinstance(exc, LazyErofsError):
+                error: BaseException = exc
+            elif isinstance(exc, trio.Cancelled):
+                error = FetchError(f"{self.name}: fetch of frames {run[0]}-{run[-1]} was abandoned")
+            else:
+                error = FetchError(f"{self.name}: fetch failed: {exc!r}")
+            for flight in flights:
+                if not flight.done.is_set():
+                    flight.error = error
+                    flight.done.set()
+            if not isinstance(exc, LazyErofsError):
+                raise
+        finally:
+            for i in run:
+                self._flights.pop(i, None)
+
+    async def _fetch(self, offset: int, length: int) -> bytes:
+        self.stats.requests += 1
+        data = await self.source.read(offset, length)
+        self.stats.bytes_fetched += len(data)
+        return data
+
+    async def _decode(self, i: int, compressed: bytes) -> bytes:
+        table, name, cache, key = self._decode_table, self.name, self.cache, self._keys[i]
+
+        def work() -> bytes:
+            raw = seekable.decode_frame(table, i, compressed, name=name)
+            cache.put(key, raw)
+            return raw
+
+        raw = await trio.to_thread.run_sync(work, limiter=self.limiter)
+        self.stats.frames_fetched += 1
+        self.stats.fetched_frames.add(i)
+        return raw
+
+
+class PlainLayer:
+    """A plain (uncompressed) EROFS layer: direct range reads of the blob.
+
+    There is no per-range checksum in this media type, so these bytes are
+    served unverified; the daemon says so when it mounts one.
+    """
+
+    verified = False
+    verity = None
+
+    def __init__(
+        self,
+        name: str,
+        desc: seekable.LayerDescriptor,
+        source: BlobSource,
+        *,
+        read_timeout: float = DEFAULT_READ_TIMEOUT,
+    ) -> None:
+        self.name = name
+        self.desc = desc
+        self.source = source
+        self.read_timeout = read_timeout
+        self.stats = LayerStats()
+
+    @property
+    def size(self) -> int:
+        return self.desc.size
+
+    image_size = size
+
+    @property
+    def frames_present(self) -> int:
+        return 0
+
+    async def read(self, offset: int, size: int) -> bytes:
+        end = min(offset + size, self.size)
+        if offset >= end:
+            return b""
+        try:
+            with trio.fail_after(self.read_timeout):
+                self.stats.requests += 1
+                data = await self.source.read(offset, end - offset)
+        except trio.TooSlowError as exc:
+            self.stats.read_errors += 1
+            raise FetchError(f"{self.name}: read at {offset} timed out after {self.read_timeout:g}s") from exc
+        except LazyErofsError:
+            self.stats.read_errors += 1
+            raise
+        self.stats.bytes_fetched += len(data)
+        return data

@@ -191,31 +191,26 @@ class SeekableLayer:
     async def _frames(self, frames: range) -> list[bytes]:
         """Data of each frame in ``frames``, from cache or one shared fetch."""
         results: dict[int, bytes] = {}
-        missing: list[int] = []
+        flights: dict[int, _Flight] = {}
+        mine: list[int] = []
         for i in frames:
             if self.on_touch is not None:
                 self.on_touch(i)
             flight = self._flights.get(i)
-            if flight is not None:
-                continue  # joined below
-            data = await self._cache_get(i)
-            if data is not None:
-                results[i] = data
-            else:
-                missing.append(i)
-        if missing:
-            await self._fetch_runs(missing)
-        for i in frames:
-            if i in results:
-                continue
-            flight = self._flights.get(i)
             if flight is None:
-                # Finished between our look and now: it is in the cache.
                 data = await self._cache_get(i)
-                if data is None:
-                    raise FetchError(f"{self.name}: frame {i} vanished from the cache")
-                results[i] = data
-                continue
+                if data is not None:
+                    results[i] = data
+                    continue
+                flight = self._flights.get(i)  # someone started it while we looked
+            if flight is None:
+                # No await between this check and the insert: exactly one leader.
+                flight = self._flights[i] = _Flight()
+                mine.append(i)
+            flights[i] = flight
+        if mine:
+            await self._fetch_runs(mine)
+        for i, flight in flights.items():
             await flight.done.wait()
             if flight.error is not None:
                 raise flight.error
@@ -224,24 +219,23 @@ class SeekableLayer:
         return [results[i] for i in frames]
 
     async def _cache_get(self, i: int) -> bytes | None:
-        data = await trio.to_thread.run_sync(
-            self.cache.get, self._keys[i], self.table.raw_length(i), limiter=self.limiter
-        )
+        key, size = self._keys[i], self.table.raw_length(i)
+        data = await trio.to_thread.run_sync(self.cache.get, key, size, limiter=self.limiter)
+        if data is None and i in self._present:
+            # Fetched by another task while we waited for a thread: look again.
+            data = await trio.to_thread.run_sync(self.cache.get, key, size, limiter=self.limiter)
+            if data is None:
+                self._present.discard(i)  # evicted
         if data is None:
             self.stats.cache_misses += 1
-            self._present.discard(i)
         else:
             self.stats.cache_hits += 1
             self._present.add(i)
         return data
 
-    async def _fetch_runs(self, missing: list[int]) -> None:
-        """Become the leader for every missing frame nobody is fetching yet,
-        and fetch them as runs of adjacent frames (one request per run)."""
-        # Skip frames another task fetched while we looked in the cache.
-        mine = [i for i in missing if i not in self._flights and i not in self._present]
-        for i in mine:
-            self._flights[i] = _Flight()
+    async def _fetch_runs(self, mine: list[int]) -> None:
+        """Fetch the frames this task leads as runs of adjacent frames, one
+        request per run (capped at ``merge_bytes``)."""
         runs: list[list[int]] = []
         for i in mine:
             if runs and runs[-1][-1] == i - 1 and self._span_bytes(runs[-1][0], i) <= self.merge_bytes:

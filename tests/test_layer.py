@@ -13,8 +13,8 @@ import random
 import pytest
 import trio
 from blobtools import make_blob
-from cache import ChunkCache
 
+from cache import ChunkCache
 from lazyfs import seekable
 from lazyfs.errors import FetchError, IntegrityError
 from lazyfs.layer import SeekableLayer

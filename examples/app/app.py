@@ -1,3 +1,5 @@
 """A stand-in application that lives in the example image's top layer."""
 
-print(open("/app/hello.txt").read(), end="")
+from pathlib import Path
+
+print(Path("/app/hello.txt").read_text(), end="")

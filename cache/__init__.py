@@ -1,0 +1,35 @@
+"""lazyerofs' chunk cache: decompressed frames on local disk, keyed by digest.
+
+Plain storage with no FUSE, HTTP or lazyfs imports (stdlib and cachetools
+only), so a container snapshotter can share the directory and the code::
+
+    from cache import ChunkCache
+
+    with ChunkCache("/var/cache/lazyerofs", max_bytes=parse_size("10GiB")) as c:
+        data = c.get(digest, size)
+        if data is None:
+            data = fetch_and_verify(...)
+            c.put(digest, data)
+
+The implementation lives in private modules; this is the whole public surface.
+"""
+
+from cache._sizes import default_cache_dir, format_size, parse_size
+from cache._store import (
+    DEFAULT_MAX_BYTES,
+    DEFAULT_MEMORY_BYTES,
+    CacheEntry,
+    CacheStatistics,
+    ChunkCache,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_MEMORY_BYTES",
+    "CacheEntry",
+    "CacheStatistics",
+    "ChunkCache",
+    "default_cache_dir",
+    "format_size",
+    "parse_size",
+]

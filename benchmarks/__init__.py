@@ -1,0 +1,1 @@
+"""Benchmarks: each writes its result under benchmarks/results/."""

@@ -30,7 +30,13 @@ import trio
 
 from lazyfs import kmount, seekable
 from lazyfs.errors import FormatError, IntegrityError, LazyErofsError, MountError
-from lazyfs.layer import DEFAULT_MERGE_BYTES, DEFAULT_READ_TIMEOUT, PlainLayer, SeekableLayer
+from lazyfs.layer import (
+    DEFAULT_MERGE_BYTES,
+    DEFAULT_READ_TIMEOUT,
+    Demand,
+    PlainLayer,
+    SeekableLayer,
+)
 
 __all__ = ["MountConfig", "load_state", "run_mount", "state_dir", "teardown"]
 
@@ -58,6 +64,7 @@ class MountConfig:
     log_level: str = "info"
     registry: Any = None  # lazyfs.registry.RegistryOptions
     touch_log: str | None = None  # write touched frames here at exit (benchmarks)
+    prefetch: bool = False
 
 
 def mount_id(mountpoint: str) -> str:
@@ -118,7 +125,13 @@ class _Image:
 
 
 async def _open_layer(
-    cfg: MountConfig, index: int, desc_dict: dict[str, Any], source: Any, cache: Any, limiter: trio.CapacityLimiter
+    cfg: MountConfig,
+    index: int,
+    desc_dict: dict[str, Any],
+    source: Any,
+    cache: Any,
+    limiter: trio.CapacityLimiter,
+    demand: Demand,
 ) -> tuple[Any, bytes | None] | None:
     name = f"layer {index} ({desc_dict.get('digest', '?')[:19]})"
     desc = seekable.parse_descriptor(desc_dict, name=name)
@@ -159,6 +172,7 @@ async def _open_layer(
         merge_bytes=cfg.merge_bytes,
         verified=verified,
         verity=verity,
+        demand=demand,
     )
     return layer, sidecar
 
@@ -184,8 +198,9 @@ async def _open_image(cfg: MountConfig, stack: contextlib.AsyncExitStack, cache:
         manifest = image.manifest_bytes
         descs = [(d, client.blob(ref, d)) for d in image.layers]
     out = _Image(manifest)
+    demand = Demand()
     for i, (desc, source) in enumerate(descs):
-        opened = await _open_layer(cfg, i, desc, source, cache, limiter)
+        opened = await _open_layer(cfg, i, desc, source, cache, limiter, demand)
         if opened is None:
             continue
         layer, sidecar = opened
@@ -263,6 +278,8 @@ async def _serve(cfg: MountConfig, notify: Any) -> None:
                 if cfg.rootfs:
                     await trio.to_thread.run_sync(_kernel_mounts, mountpoint, cfg.rootfs, len(image.layers), state)
                 notify(None)
+                if cfg.prefetch:
+                    nursery.start_soon(_prefetch_all, image)
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                     async for signum in signals:
                         log.info("signal %d: unmounting", signum)
@@ -282,6 +299,14 @@ async def _serve(cfg: MountConfig, notify: Any) -> None:
             shutil.rmtree(state_dir(mountpoint), ignore_errors=True)
             with contextlib.suppress(Exception):
                 cache.close()
+
+
+async def _prefetch_all(image: _Image) -> None:
+    """Background fill of every layer, bottom first; yields to on-demand reads."""
+    for layer in image.objects:
+        if isinstance(layer, SeekableLayer):
+            fetched = await layer.prefetch()
+            log.info("%s: prefetched %d frames", layer.name, fetched)
 
 
 def _write_touch_log(path: str, image: _Image) -> None:

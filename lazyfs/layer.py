@@ -59,6 +59,8 @@ class FrameCache(Protocol):
 
     def put(self, key: bytes, data: bytes) -> bool: ...
 
+    def contains(self, key: bytes, size: int) -> bool: ...
+
 
 @dataclass
 class LayerStats:
@@ -72,6 +74,30 @@ class LayerStats:
     verify_failures: int = 0
     read_errors: int = 0
     fetched_frames: set[int] = field(default_factory=set)
+
+
+class Demand:
+    """Counts on-demand reads in progress across all layers of a mount, so
+    background prefetch can step aside while a reader is waiting."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def begin(self) -> None:
+        if self.active == 0:
+            self._idle = trio.Event()
+        self.active += 1
+
+    def end(self) -> None:
+        self.active -= 1
+        if self.active == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        while self.active:
+            await self._idle.wait()
 
 
 class _Flight:
@@ -103,6 +129,7 @@ class SeekableLayer:
         verified: bool = True,
         verity: Any = None,
         on_touch: Callable[[int], None] | None = None,
+        demand: Demand | None = None,
     ) -> None:
         self.name = name
         self.desc = desc
@@ -115,6 +142,7 @@ class SeekableLayer:
         self.verified = verified
         self.verity = verity  # lazyfs.verity_tail.VerityTail or None
         self.on_touch = on_touch
+        self.demand = demand or Demand()
         self.stats = LayerStats()
         self._flights: dict[int, _Flight] = {}
         # Frames known to be in the cache: a shortcut for the miss decision
@@ -156,6 +184,7 @@ class SeekableLayer:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
+        self.demand.begin()
         try:
             with trio.fail_after(self.read_timeout):
                 parts: list[bytes] = []
@@ -172,7 +201,35 @@ class SeekableLayer:
         except LazyErofsError:
             self.stats.read_errors += 1
             raise
+        finally:
+            self.demand.end()
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def prefetch(self) -> int:
+        """Fetch every frame not yet cached, in order, pausing whenever an
+        on-demand read is in progress (so prefetch never takes the bandwidth a
+        waiting reader needs). Returns the number of frames fetched."""
+        before = self.stats.frames_fetched
+        i = 0
+        count = self.table.frame_count
+        while i < count:
+            if i in self._present or await trio.to_thread.run_sync(
+                self.cache.contains, self._keys[i], self.table.raw_length(i), limiter=self.limiter
+            ):
+                self._present.add(i)
+                i += 1
+                continue
+            j = i
+            while j + 1 < count and j + 1 not in self._present and self._span_bytes(i, j + 1) <= self.merge_bytes:
+                j += 1
+            await self.demand.wait_idle()
+            try:
+                with trio.fail_after(self.read_timeout):
+                    await self._frames(range(i, j + 1))
+            except (LazyErofsError, trio.TooSlowError) as exc:
+                log.warning("%s: prefetch of frames %d-%d failed: %s", self.name, i, j, exc)
+            i = j + 1
+        return self.stats.frames_fetched - before
 
     async def _read_image(self, offset: int, end: int) -> bytes:
         frames = self.table.frames_for(offset, end - offset)

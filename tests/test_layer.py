@@ -144,3 +144,35 @@ async def test_stalled_source_fails_within_the_read_timeout(tmp_path):
             await layer.read(0, 10)
     source.stall = False
     assert await layer.read(0, 10) == RAW[:10]
+
+
+async def test_prefetch_fetches_every_missing_frame_once(tmp_path):
+    layer, source = make_layer(tmp_path, RAW, 10_000)
+    await layer.read(0, 25_000)  # frames 0-2 on demand
+    fetched = await layer.prefetch()
+    assert fetched == layer.table.frame_count - 3
+    assert layer.frames_present == layer.table.frame_count
+    before = len(source.requests)
+    assert await layer.read(0, len(RAW)) == RAW
+    assert len(source.requests) == before
+
+
+async def test_prefetch_waits_while_an_on_demand_read_is_in_progress(tmp_path):
+    layer, source = make_layer(tmp_path, RAW, 10_000, delay=0.2)
+    order: list[str] = []
+
+    async def demand() -> None:
+        await layer.read(150_000, 10)
+        order.append("demand")
+
+    async def background() -> None:
+        await trio.sleep(0.01)  # start while the demand read is in flight
+        await layer.prefetch()
+        order.append("prefetch")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(demand)
+        nursery.start_soon(background)
+    assert order == ["demand", "prefetch"]
+    # The demand read went out first, alone.
+    assert source.requests[0][0] == layer.table.span(15)[0]

@@ -64,6 +64,11 @@ examples:
         metavar="SIZE",
         help="fetch adjacent missing frames in one request up to SIZE compressed bytes (default: 8MiB)",
     )
+    g.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="after mounting, fetch the remaining frames in the background (pauses while reads wait)",
+    )
     g = p.add_argument_group("trust")
     g.add_argument(
         "--insecure-skip-verify",
@@ -107,6 +112,7 @@ def run(args: argparse.Namespace) -> int:
         log_level="debug" if args.log_level == "debug" else "info",
         registry=registry_options,
         touch_log=args.touch_log,
+        prefetch=args.prefetch,
     )
     if cfg.insecure_skip_verify:
         import sys

@@ -178,9 +178,6 @@ async def _open_layer(
 
 
 async def _open_image(cfg: MountConfig, stack: contextlib.AsyncExitStack, cache: Any, limiter: trio.CapacityLimiter) -> _Image:
-    from lazyfs import registry
-
-    options = cfg.registry or registry.RegistryOptions()
     if cfg.descriptor_file:
         with open(cfg.descriptor_file) as f:
             try:
@@ -188,11 +185,23 @@ async def _open_image(cfg: MountConfig, stack: contextlib.AsyncExitStack, cache:
             except json.JSONDecodeError as exc:
                 raise FormatError(f"{cfg.descriptor_file}: not valid JSON: {exc}") from exc
         parsed = seekable.parse_descriptor(desc, name=cfg.descriptor_file)
-        source = await stack.enter_async_context(registry.open_url_blob(cfg.ref, size=parsed.size, options=options))
+        if os.path.exists(cfg.ref):
+            from lazyfs.sources import FileSource
+
+            source = FileSource(cfg.ref)
+            stack.callback(source.close)
+        else:
+            from lazyfs import registry
+
+            source = await stack.enter_async_context(
+                registry.open_url_blob(cfg.ref, size=parsed.size, options=cfg.registry or registry.RegistryOptions())
+            )
         manifest = json.dumps({"schemaVersion": 2, "layers": [desc]}, indent=2).encode()
         descs = [(desc, source)]
     else:
-        client = await stack.enter_async_context(registry.RegistryClient(options))
+        from lazyfs import registry
+
+        client = await stack.enter_async_context(registry.RegistryClient(cfg.registry or registry.RegistryOptions()))
         ref = registry.parse_reference(cfg.ref)
         image = await client.resolve(ref)
         manifest = image.manifest_bytes

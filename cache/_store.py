@@ -243,16 +243,9 @@ class ChunkCache:
         failing the at-rest check, is damaged: it is removed, counted, and
         reported as a miss so the caller refetches. A memory hit does no I/O.
         """
-        _check_key(key)
-        mem = self._mem
-        if mem is not None:
-            with self._lock:
-                data = mem.get(key)
-                if data is not None and len(data) == size:
-                    self._hits += 1
-                    self._memory_hits += 1
-                    self._touched.add(key)
-                    return data
+        data = self.get_nowait(key, size)
+        if data is not None:
+            return data
         if len(self._touched) > _TOUCH_BATCH:
             self._flush_touched()  # this call does disk I/O anyway
         data = self._read_entry(key, size)
@@ -264,6 +257,26 @@ class ChunkCache:
             self._disk_hits += 1
             self._remember(key, data)
         return data
+
+    def get_nowait(self, key: bytes, size: int) -> bytes | None:
+        """The data under ``key`` if it is in the memory LRU, else None.
+
+        Never touches the disk, so an async caller can try it on its event
+        loop before paying for a worker thread. A None here is not a miss:
+        the entry may still be on disk (call :meth:`get`).
+        """
+        _check_key(key)
+        mem = self._mem
+        if mem is None:
+            return None
+        with self._lock:
+            data = mem.get(key)
+            if data is not None and len(data) == size:
+                self._hits += 1
+                self._memory_hits += 1
+                self._touched.add(key)
+                return data
+        return None
 
     def put(self, key: bytes, data: bytes) -> bool:
         """Store ``data`` under ``key``; True once it is persisted on disk.

@@ -65,6 +65,7 @@ class MountConfig:
     registry: Any = None  # lazyfs.registry.RegistryOptions
     touch_log: str | None = None  # write touched frames here at exit (benchmarks)
     prefetch: bool = False
+    readahead_kb: int = 4096
 
 
 def mount_id(mountpoint: str) -> str:
@@ -283,7 +284,14 @@ async def _serve(cfg: MountConfig, notify: Any) -> None:
         _save_state(mountpoint, state)
         try:
             async with trio.open_nursery() as nursery:
+                for layer in image.objects:
+                    if isinstance(layer, SeekableLayer):
+                        layer.start(nursery)
                 nursery.start_soon(pyfuse3.main)
+                # A stat through FUSE (served by the loop above, from a thread)
+                # completes the kernel's INIT, which resets the readahead.
+                await trio.to_thread.run_sync(os.stat, mountpoint)
+                _set_readahead(mountpoint, cfg.readahead_kb)
                 if cfg.rootfs:
                     await trio.to_thread.run_sync(_kernel_mounts, mountpoint, cfg.rootfs, len(image.layers), state)
                 notify(None)
@@ -331,6 +339,20 @@ def _write_touch_log(path: str, image: _Image) -> None:
                 }
             )
     Path(path).write_text(json.dumps(data))
+
+
+def _set_readahead(mountpoint: str, kib: int) -> None:
+    """Raise the FUSE mount's readahead window (128 KiB by default): sequential
+    readers then get large requests and the daemon far fewer round trips."""
+    # Not os.stat(): that would wait on this very daemon, which is not serving yet.
+    device = kmount.device_of(mountpoint)
+    if device is None:
+        return
+    path = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+    try:
+        path.write_text(f"{kib}\n")
+    except OSError as exc:
+        log.info("cannot set readahead of %s to %d KiB: %s", mountpoint, kib, exc)
 
 
 def _kernel_mounts(mountpoint: str, rootfs: str, count: int, state: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from lazyfs.errors import MountError
 __all__ = [
     "KernelMount",
     "detach_loop",
+    "device_of",
     "find_mount",
     "mount_erofs",
     "mount_overlay",
@@ -138,6 +139,21 @@ def mounts() -> list[tuple[str, str, str]]:
             fstype, source = right.split()[:2]
             out.append((target, fstype, _unescape(source)))
     return out
+
+
+def device_of(target: str) -> str | None:
+    """``major:minor`` of the topmost mount at ``target``, from mountinfo.
+
+    Unlike stat(2) this never enters the filesystem, so a FUSE daemon can
+    ask about its own mount before it serves requests.
+    """
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split(" - ", 1)[0].split()
+            if _unescape(fields[4]) == target:
+                found = fields[2]
+    return found
 
 
 def find_mount(target: str) -> tuple[str, str] | None:

@@ -16,6 +16,7 @@ loop keeps serving other reads meanwhile.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable
@@ -56,6 +57,8 @@ class FrameCache(Protocol):
     """The part of :class:`cache.ChunkCache` a layer uses (sync, thread-safe)."""
 
     def get(self, key: bytes, size: int) -> bytes | None: ...
+
+    def get_nowait(self, key: bytes, size: int) -> bytes | None: ...
 
     def put(self, key: bytes, data: bytes) -> bool: ...
 
@@ -145,6 +148,7 @@ class SeekableLayer:
         self.demand = demand or Demand()
         self.stats = LayerStats()
         self._flights: dict[int, _Flight] = {}
+        self._nursery: trio.Nursery | None = None
         # Frames known to be in the cache: a shortcut for the miss decision
         # only; the cache stays the source of truth.
         self._present: set[int] = set()
@@ -277,6 +281,11 @@ class SeekableLayer:
 
     async def _cache_get(self, i: int) -> bytes | None:
         key, size = self._keys[i], self.table.raw_length(i)
+        # Hot frames are in the memory LRU: no thread hop for those.
+        data = self.cache.get_nowait(key, size)
+        if data is not None:
+            self.stats.cache_hits += 1
+            return data
         data = await trio.to_thread.run_sync(self.cache.get, key, size, limiter=self.limiter)
         if data is None and i in self._present:
             # Fetched by another task while we waited for a thread: look again.
@@ -292,43 +301,44 @@ class SeekableLayer:
 
     async def _fetch_runs(self, mine: list[int]) -> None:
         """Fetch the frames this task leads as runs of adjacent frames, one
-        request per run (capped at ``merge_bytes``)."""
+        request per run (capped at ``merge_bytes``).
+
+        With a background nursery (the daemon gives one) the fetches outlive
+        the reader that started them: a reader that times out stops waiting,
+        but the frames still land in the cache for the next one.
+        """
         runs: list[list[int]] = []
         for i in mine:
             if runs and runs[-1][-1] == i - 1 and self._span_bytes(runs[-1][0], i) <= self.merge_bytes:
                 runs[-1].append(i)
             else:
                 runs.append([i])
+        if self._nursery is not None:
+            for run in runs:
+                self._nursery.start_soon(self._lead, run)
+            return
         async with trio.open_nursery() as nursery:
             for run in runs:
                 nursery.start_soon(self._lead, run)
+
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run fetches in ``nursery`` from now on (see :meth:`_fetch_runs`)."""
+        self._nursery = nursery
 
     def _span_bytes(self, first: int, last: int) -> int:
         return self.table.span(last)[1] - self.table.span(first)[0]
 
     async def _lead(self, run: list[int]) -> None:
-        """Fetch, verify and cache one run; always settles every flight."""
+        """Fetch one run in one request, then settle each frame's flight in
+        parallel; always settles every flight, even on cancellation."""
         flights = [self._flights[i] for i in run]
         try:
             start = self.table.span(run[0])[0]
-            end = self.table.span(run[-1])[1]
-            blob = await self._fetch(start, end - start)
-            for i, flight in zip(run, flights, strict=True):
-                s, e = self.table.span(i)
-                try:
-                    flight.data = await self._decode(i, blob[s - start : e - start])
-                except IntegrityError as first_error:
-                    # A bad frame may be a transport accident: refetch once.
-                    self.stats.verify_failures += 1
-                    log.warning("%s; refetching frame %d once", first_error, i)
-                    try:
-                        flight.data = await self._decode(i, await self._fetch(s, e - s))
-                    except IntegrityError as exc:
-                        self.stats.verify_failures += 1
-                        log.error("%s", exc)
-                        raise
-                self._present.add(i)
-                flight.done.set()
+            blob = await self._fetch(start, self.table.span(run[-1])[1] - start)
+            async with trio.open_nursery() as nursery:
+                for i, flight in zip(run, flights, strict=True):
+                    s, e = self.table.span(i)
+                    nursery.start_soon(self._settle, i, flight, blob[s - start : e - start])
         except BaseException as exc:
             if isinstance(exc, LazyErofsError):
                 error: BaseException = exc
@@ -336,15 +346,48 @@ class SeekableLayer:
                 error = FetchError(f"{self.name}: fetch of frames {run[0]}-{run[-1]} was abandoned")
             else:
                 error = FetchError(f"{self.name}: fetch failed: {exc!r}")
-            for flight in flights:
+            for i, flight in zip(run, flights, strict=True):
                 if not flight.done.is_set():
                     flight.error = error
                     flight.done.set()
+                if self._flights.get(i) is flight:
+                    del self._flights[i]
             if not isinstance(exc, LazyErofsError):
                 raise
+
+    async def _settle(self, i: int, flight: _Flight, compressed: bytes) -> None:
+        """Verify and decompress frame ``i``, hand it to its readers, then
+        persist it. The one place fetched bytes become servable."""
+        try:
+            try:
+                raw = await self._decode(i, compressed)
+            except IntegrityError as first_error:
+                # A bad frame may be a transport accident: refetch once.
+                self.stats.verify_failures += 1
+                log.warning("%s; refetching frame %d once", first_error, i)
+                s, e = self.table.span(i)
+                try:
+                    raw = await self._decode(i, await self._fetch(s, e - s))
+                except IntegrityError:
+                    self.stats.verify_failures += 1
+                    raise
+        except LazyErofsError as exc:
+            log.error("%s", exc)
+            flight.error = exc
+            flight.done.set()
+            if self._flights.get(i) is flight:
+                del self._flights[i]
+            return
+        flight.data = raw
+        self._present.add(i)
+        flight.done.set()
+        try:
+            # Readers are already served from the flight; they keep finding it
+            # until the cache holds the frame.
+            await trio.to_thread.run_sync(self.cache.put, self._keys[i], raw, limiter=self.limiter)
         finally:
-            for i in run:
-                self._flights.pop(i, None)
+            if self._flights.get(i) is flight:
+                del self._flights[i]
 
     async def _fetch(self, offset: int, length: int) -> bytes:
         self.stats.requests += 1
@@ -353,14 +396,10 @@ class SeekableLayer:
         return data
 
     async def _decode(self, i: int, compressed: bytes) -> bytes:
-        table, name, cache, key = self._decode_table, self.name, self.cache, self._keys[i]
-
-        def work() -> bytes:
-            raw = seekable.decode_frame(table, i, compressed, name=name)
-            cache.put(key, raw)
-            return raw
-
-        raw = await trio.to_thread.run_sync(work, limiter=self.limiter)
+        raw = await trio.to_thread.run_sync(
+            functools.partial(seekable.decode_frame, self._decode_table, i, compressed, name=self.name),
+            limiter=self.limiter,
+        )
         self.stats.frames_fetched += 1
         self.stats.fetched_frames.add(i)
         return raw

@@ -476,3 +476,16 @@ def test_budget_is_shared_by_processes_on_one_directory(tmp_path: Path) -> None:
     with ChunkCache(tmp_path, max_bytes=budget) as c:
         assert disk_usage(tmp_path) <= budget
         assert c.statistics().disk_bytes == disk_usage(tmp_path)
+
+
+def test_get_nowait_serves_memory_hits_and_never_reads_disk(tmp_path):
+    c = ChunkCache(tmp_path / "c", memory_bytes=1 << 20)
+    key = b"\x01" * 64
+    assert c.get_nowait(key, 3) is None
+    c.put(key, b"abc")
+    assert c.get_nowait(key, 3) == b"abc"
+    assert c.get_nowait(key, 4) is None  # wrong size is not a hit
+    fresh = ChunkCache(tmp_path / "c", memory_bytes=1 << 20)
+    assert fresh.get_nowait(key, 3) is None  # on disk only: not for nowait
+    assert fresh.get(key, 3) == b"abc"
+    assert fresh.get_nowait(key, 3) == b"abc"

@@ -69,6 +69,13 @@ examples:
         action="store_true",
         help="after mounting, fetch the remaining frames in the background (pauses while reads wait)",
     )
+    g.add_argument(
+        "--readahead",
+        type=parse_size,
+        default=4 << 20,
+        metavar="SIZE",
+        help="kernel readahead window of the FUSE mount (default: 4MiB; the kernel's own is 128KiB)",
+    )
     g = p.add_argument_group("trust")
     g.add_argument(
         "--insecure-skip-verify",
@@ -113,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         registry=registry_options,
         touch_log=args.touch_log,
         prefetch=args.prefetch,
+        readahead_kb=max(args.readahead // 1024, 4),
     )
     if cfg.insecure_skip_verify:
         import sys

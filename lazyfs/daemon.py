@@ -209,11 +209,19 @@ async def _open_image(cfg: MountConfig, stack: contextlib.AsyncExitStack, cache:
         descs = [(d, client.blob(ref, d)) for d in image.layers]
     out = _Image(manifest)
     demand = Demand()
-    for i, (desc, source) in enumerate(descs):
-        opened = await _open_layer(cfg, i, desc, source, cache, limiter, demand)
-        if opened is None:
+    opened: list[Any] = [None] * len(descs)
+
+    async def open_one(i: int) -> None:
+        opened[i] = await _open_layer(cfg, i, descs[i][0], descs[i][1], cache, limiter, demand)
+
+    # One round trip for all chunk tables, not one per layer.
+    async with trio.open_nursery() as nursery:
+        for i in range(len(descs)):
+            nursery.start_soon(open_one, i)
+    for (desc, _), result in zip(descs, opened, strict=True):
+        if result is None:
             continue
-        layer, sidecar = opened
+        layer, sidecar = result
         out.layers.append((layer, desc["digest"], sidecar))
         out.objects.append(layer)
     if not out.layers:

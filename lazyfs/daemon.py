@@ -159,9 +159,7 @@ async def _open_layer(
     if desc.verity_offset is not None:
         from lazyfs.verity_tail import open_verity_tail
 
-        verity, sidecar = await open_verity_tail(
-            name, desc, table.uncompressed_size, source, cache, limiter=limiter, verify=verify
-        )
+        verity, sidecar = await open_verity_tail(name, desc, table.uncompressed_size, source)
     layer = SeekableLayer(
         name,
         desc,

@@ -20,6 +20,7 @@ from lazyfs.errors import MountError
 
 __all__ = [
     "KernelMount",
+    "abort_fuse",
     "detach_loop",
     "device_of",
     "find_mount",
@@ -154,6 +155,25 @@ def device_of(target: str) -> str | None:
             if _unescape(fields[4]) == target:
                 found = fields[2]
     return found
+
+
+def abort_fuse(target: str) -> bool:
+    """Abort the FUSE connection behind ``target`` (its daemon hangs or is
+    gone): pending and future requests fail at once instead of blocking.
+    Mounts fusectl if needed. True if a connection was aborted."""
+    device = device_of(os.path.realpath(target))
+    if device is None:
+        return False
+    conns = "/sys/fs/fuse/connections"
+    if not os.path.exists(f"{conns}/{device.split(':')[1]}"):
+        with contextlib.suppress(OSError):
+            _mount("fusectl", conns, "fusectl", 0)
+    try:
+        with open(f"{conns}/{device.split(':')[1]}/abort", "w") as f:
+            f.write("1")
+    except OSError:
+        return False
+    return True
 
 
 def find_mount(target: str) -> tuple[str, str] | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -131,7 +130,6 @@ class SeekableLayer:
         merge_bytes: int = DEFAULT_MERGE_BYTES,
         verified: bool = True,
         verity: Any = None,
-        on_touch: Callable[[int], None] | None = None,
         demand: Demand | None = None,
     ) -> None:
         self.name = name
@@ -144,7 +142,6 @@ class SeekableLayer:
         self.merge_bytes = merge_bytes
         self.verified = verified
         self.verity = verity  # lazyfs.verity_tail.VerityTail or None
-        self.on_touch = on_touch
         self.demand = demand or Demand()
         self.stats = LayerStats()
         self._flights: dict[int, _Flight] = {}
@@ -255,8 +252,6 @@ class SeekableLayer:
         flights: dict[int, _Flight] = {}
         mine: list[int] = []
         for i in frames:
-            if self.on_touch is not None:
-                self.on_touch(i)
             flight = self._flights.get(i)
             if flight is None:
                 data = await self._cache_get(i)

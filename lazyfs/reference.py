@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 
 from lazyfs.errors import FormatError
+from lazyfs.seekable import check_digest
 
 __all__ = [
     "DOCKER_HUB",
@@ -30,10 +31,6 @@ DOCKER_HUB = "docker.io"
 DOCKER_HUB_API = "registry-1.docker.io"
 _HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 
-_DIGEST_RE = {
-    "sha256": re.compile(r"sha256:[0-9a-f]{64}"),
-    "sha512": re.compile(r"sha512:[0-9a-f]{128}"),
-}
 # One repository path component, as in the distribution reference grammar.
 _COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
@@ -42,19 +39,6 @@ _HOSTNAME_RE = re.compile(
 )
 _PORT_RE = re.compile(r"[0-9]{1,5}")
 MAX_NAME_LENGTH = 255
-
-
-def check_digest(value: object, *, what: str = "digest") -> str:
-    """Return ``value`` if it is exactly a sha256/sha512 digest, else FormatError.
-
-    Digests are put into URLs and file paths; nothing unchecked gets there.
-    """
-    if isinstance(value, str):
-        algo = value.split(":", 1)[0]
-        pattern = _DIGEST_RE.get(algo)
-        if pattern is not None and pattern.fullmatch(value):
-            return value
-    raise FormatError(f"{what} {value!r} is not sha256:<64 hex> or sha512:<128 hex>")
 
 
 def _split_host_port(host: str) -> tuple[str, str | None]:

@@ -80,10 +80,6 @@ async def open_verity_tail(
     desc: seekable.LayerDescriptor,
     image_size: int,
     source: Any,
-    cache: Any,
-    *,
-    limiter: trio.CapacityLimiter,
-    verify: bool = True,
 ) -> tuple[VerityTail, bytes]:
     """Read the verity superblock block, check it against the descriptor, and
     return the tail plus containerd's sidecar JSON."""

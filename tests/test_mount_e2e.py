@@ -6,6 +6,7 @@ images are kept so every byte served can be compared with the source.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -275,3 +276,20 @@ def test_plain_erofs_layer_is_served_by_range_reads(mounter: Mounter, registry, 
     assert m.layer(0).read_bytes() == raw
     assert m.rootfs is not None
     assert (m.rootfs / "etc" / "layer9.conf").read_text() == "layer = 9\n"
+
+
+def test_umount_of_a_hung_daemon_aborts_it_and_leaves_no_mount(mounter: Mounter, image: Image):
+    m = mounter(image.ref, rootfs=True)
+    states = [json.loads(p.read_text()) for p in Path("/run/lazyerofs").glob("*/state.json")]
+    pid = next(s["pid"] for s in states if s["mountpoint"] == str(m.dir))
+    os.kill(pid, signal.SIGSTOP)  # alive but answering nothing
+    try:
+        started = time.monotonic()
+        proc = lazyerofs("umount", "--timeout", "2", str(m.dir), timeout=60)
+        assert time.monotonic() - started < 30
+        assert "aborting its connection" in proc.stderr
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert kmount.find_mount(str(m.dir)) is None
+    assert m.rootfs is not None and kmount.find_mount(str(m.rootfs)) is None

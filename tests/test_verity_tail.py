@@ -43,7 +43,7 @@ async def open_layer(tmp_path: Path, blob: bytes, descriptor: dict) -> tuple[See
     source = MemorySource(blob)
     limiter = trio.CapacityLimiter(2)
     cache = ChunkCache(tmp_path / "cache")
-    tail, sidecar = await open_verity_tail("v", desc, table.uncompressed_size, source, cache, limiter=limiter)
+    tail, sidecar = await open_verity_tail("v", desc, table.uncompressed_size, source)
     layer = SeekableLayer("v", desc, table, source, cache, limiter=limiter, verity=tail)
     return layer, sidecar, source
 

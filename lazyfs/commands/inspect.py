@@ -10,6 +10,7 @@ import sys
 from typing import Any
 
 from lazyfs import seekable
+from lazyfs.commands._registry_opts import add_registry_options
 from lazyfs.errors import FormatError, IntegrityError, LazyErofsError
 from lazyfs.units import format_size
 
@@ -32,12 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--frames", action="store_true", help="list every frame")
-    try:
-        from lazyfs.commands._registry_opts import add_registry_options
-    except ImportError:
-        pass
-    else:
-        add_registry_options(p)
+    add_registry_options(p)
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from lazyfs.commands._registry_opts import add_registry_options, options_from_args
 from lazyfs.daemon import MountConfig, run_mount
 from lazyfs.layer import DEFAULT_MERGE_BYTES, DEFAULT_READ_TIMEOUT
 from lazyfs.units import parse_size
@@ -83,24 +84,13 @@ examples:
         help="DANGEROUS: serve layers whose chain of trust cannot be established (no chunk_digest, hash_algo 0)",
     )
     g.add_argument("--strict", action="store_true", help="refuse images with non-EROFS layers instead of skipping them")
-    try:
-        from lazyfs.commands._registry_opts import add_registry_options
-    except ImportError:
-        pass
-    else:
-        add_registry_options(p)
+    add_registry_options(p)
     p.add_argument("--touch-log", metavar="FILE", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    registry_options = None
-    try:
-        from lazyfs.commands._registry_opts import options_from_args
-    except ImportError:
-        pass
-    else:
-        registry_options = options_from_args(args)
+    registry_options = options_from_args(args)
     cfg = MountConfig(
         ref=args.ref,
         mountpoint=args.mountpoint,

@@ -47,7 +47,8 @@ def unmount(mountpoint: str, *, timeout: float = 15.0) -> None:
     if pid and _alive(pid):
         os.kill(pid, signal.SIGTERM)
         if not wait_gone(pid, timeout):
-            print(f"lazyerofs: daemon {pid} did not stop in {timeout:g}s; killing it", file=sys.stderr)
+            print(f"lazyerofs: daemon {pid} did not stop in {timeout:g}s; aborting its connection", file=sys.stderr)
+            kmount.abort_fuse(mountpoint)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             wait_gone(pid, 5)
@@ -55,6 +56,7 @@ def unmount(mountpoint: str, *, timeout: float = 15.0) -> None:
     if found is not None and found[0].startswith("fuse"):
         # The daemon is gone but its mount is left: a stale "transport
         # endpoint is not connected" mount. Detach it.
+        kmount.abort_fuse(mountpoint)
         fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
         if fusermount:
             subprocess.run([fusermount, "-u", "-z", mountpoint], capture_output=True, check=False)

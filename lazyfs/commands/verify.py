@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from lazyfs import seekable
+from lazyfs.commands._registry_opts import add_registry_options, options_from_args
 from lazyfs.errors import FormatError, LazyErofsError
 from lazyfs.units import format_size
 
@@ -44,12 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--descriptor", metavar="FILE", help="descriptor of a blob file (default: BLOB.json)")
     p.add_argument("--json", action="store_true", help="print a JSON report on stdout")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
-    try:
-        from lazyfs.commands._registry_opts import add_registry_options
-    except ImportError:
-        pass
-    else:
-        add_registry_options(p)
+    add_registry_options(p)
     p.set_defaults(func=run)
 
 
@@ -173,8 +169,6 @@ async def _verify(args: argparse.Namespace) -> list[LayerReport]:
     if args.descriptor:
         raise FormatError(f"{args.target}: no such file")
     from lazyfs import registry
-    from lazyfs.commands._registry_opts import options_from_args
-
     async with registry.RegistryClient(options_from_args(args)) as client:
         ref = registry.parse_reference(args.target)
         image = await client.resolve(ref)

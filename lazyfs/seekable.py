@@ -250,14 +250,15 @@ def parse_chunk_table(
     table_offset: int,
     blob_size: int,
     expected_digest: str | None,
+    require_checksums: bool = True,
     name: str = "layer",
 ) -> ChunkTable:
     """Parse the chunk-table skippable frame read from ``table_offset``.
 
     ``frame`` starts at the 8-byte skippable header and may run on past the
     table (to the verity frame or EOF). ``expected_digest`` is the
-    descriptor's ``chunk_digest``; None means the caller opted out of
-    verification, and then a table without checksums is accepted too.
+    descriptor's ``chunk_digest`` (None: not checked). A table without frame
+    checksums (hash_algo 0) is refused unless ``require_checksums`` is off.
     Every field is checked before it is used; nothing is allocated from an
     unverified size.
     """
@@ -297,7 +298,7 @@ def parse_chunk_table(
         raise FormatError(f"{where}: chunk_size {chunk_size} exceeds the limit of {MAX_CHUNK_SIZE}")
     if algo not in HASH_SIZES:
         raise FormatError(f"{where}: unknown hash_algo {algo}")
-    if algo == HASH_NONE and expected_digest is not None:
+    if algo == HASH_NONE and require_checksums:
         raise IntegrityError(f"{where}: hash_algo 0 (no frame checksums): the chain of trust stops here")
     hash_size = HASH_SIZES[algo]
     count = -(-usize // chunk_size)
@@ -332,8 +333,9 @@ def read_chunk_table(
 ) -> ChunkTable:
     """Parse the table from ``data`` = blob bytes ``[table_offset, table_end)``.
 
-    With ``verify`` a missing ``chunk_digest`` is refused; without it the
-    table is taken on trust (the caller has said so loudly).
+    With ``verify`` a missing ``chunk_digest`` or a table without frame
+    checksums is refused; without it they are accepted (the caller has said
+    so loudly), but a digest that is there is still checked.
     """
     if desc.table_offset is None:
         raise FormatError(f"{name}: not a seekable layer ({desc.media_type})")
@@ -345,7 +347,8 @@ def read_chunk_table(
         data,
         table_offset=desc.table_offset,
         blob_size=desc.table_end,
-        expected_digest=desc.chunk_digest if verify else None,
+        expected_digest=desc.chunk_digest,
+        require_checksums=verify,
         name=name,
     )
 

@@ -300,3 +300,12 @@ def test_encoder_holds_memory_bounded_for_a_large_image(tmp_path: Path):
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert result.uncompressed_size == 1 << 30
     assert grown_kib < 200 * 1024, f"encoder grew RSS by {grown_kib} KiB for a 1 GiB image"
+
+
+def test_insecure_mode_accepts_hash_algo_none_but_still_checks_the_table_digest():
+    blob = make_blob(RAW, 100, hash_algo=0)
+    assert decode_all(blob.data, blob.descriptor, verify=False) == RAW
+    data = bytearray(blob.data)
+    data[-1] ^= 0xFF
+    with pytest.raises(IntegrityError, match="does not match chunk_digest"):
+        decode_all(bytes(data), blob.descriptor, verify=False)

@@ -1,0 +1,81 @@
+"""What mount does with layers it cannot vouch for or does not understand."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import trio
+from blobtools import make_blob
+from support_mount import Mounter
+from support_registry import layer_descriptor
+
+from lazyfs import kmount
+from lazyfs.registry import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, RegistryClient, parse_reference
+
+pytestmark = pytest.mark.e2e
+
+RAW = bytes(range(256)) * 4096  # 1 MiB, not an EROFS image: these tests only read bytes
+
+
+def push(registry, name: str, layers: list[tuple[bytes, dict]]) -> str:
+    """Push blobs under the given descriptors, plus a config and manifest."""
+    ref = parse_reference(f"{registry.host}/test/{name}:v1")
+
+    async def go() -> None:
+        async with RegistryClient() as client:
+            for data, desc in layers:
+                await client.push_blob(ref, data, desc["digest"], len(data))
+            config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+            config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+            await client.push_blob(ref, config, config_digest, len(config))
+            manifest = {
+                "schemaVersion": 2,
+                "mediaType": MEDIA_OCI_MANIFEST,
+                "config": {"mediaType": MEDIA_OCI_CONFIG, "digest": config_digest, "size": len(config)},
+                "layers": [desc for _, desc in layers],
+            }
+            await client.push_manifest(ref, json.dumps(manifest).encode(), MEDIA_OCI_MANIFEST)
+
+    trio.run(go)
+    return str(ref)
+
+
+def test_non_erofs_layer_is_skipped_with_a_warning_or_refused_with_strict(mounter: Mounter, registry, tmp_path: Path):
+    seekable_blob = make_blob(RAW, 65536)
+    tar = b"not really a tar" * 100
+    ref = push(
+        registry,
+        "mixed",
+        [(seekable_blob.data, seekable_blob.descriptor), (tar, layer_descriptor(tar, "application/vnd.oci.image.layer.v1.tar"))],
+    )
+    m = mounter(ref)
+    assert sorted(p.name for p in (m.dir / "layers").iterdir()) == ["0"]
+    assert m.layer(0).read_bytes() == RAW
+    strict = mounter(ref, "--strict", expect_failure=True)
+    assert "application/vnd.oci.image.layer.v1.tar" in strict.stderr and "--strict" in strict.stderr
+    assert kmount.find_mount(str(strict.dir)) is None
+
+
+def test_layer_without_chunk_digest_is_refused_unless_insecure(mounter: Mounter, registry):
+    blob = make_blob(RAW, 65536)
+    del blob.descriptor["annotations"]["dev.containerd.erofs.zstd.chunk_digest"]
+    ref = push(registry, "nodigest", [(blob.data, blob.descriptor)])
+    refused = mounter(ref, expect_failure=True)
+    assert "chunk_digest" in refused.stderr and "cannot be verified" in refused.stderr
+    assert kmount.find_mount(str(refused.dir)) is None
+    m = mounter(ref, "--insecure-skip-verify")
+    assert "insecure-skip-verify" in m.stderr
+    assert m.layer(0).read_bytes() == RAW
+    assert m.stats()["layers"][0]["verified"] is False
+
+
+def test_layer_with_hash_algo_none_is_served_only_when_insecure(mounter: Mounter, registry):
+    blob = make_blob(RAW, 65536, hash_algo=0)
+    ref = push(registry, "noalgo", [(blob.data, blob.descriptor)])
+    refused = mounter(ref, expect_failure=True)
+    assert "hash_algo 0" in refused.stderr
+    m = mounter(ref, "--insecure-skip-verify")
+    assert m.layer(0).read_bytes() == RAW

@@ -293,3 +293,18 @@ def test_umount_of_a_hung_daemon_aborts_it_and_leaves_no_mount(mounter: Mounter,
             os.kill(pid, signal.SIGKILL)
     assert kmount.find_mount(str(m.dir)) is None
     assert m.rootfs is not None and kmount.find_mount(str(m.rootfs)) is None
+
+
+def test_full_cache_disk_degrades_to_serving_without_caching(mounter: Mounter, image: Image, tmp_path: Path):
+    tiny = tmp_path / "tiny-cache"
+    tiny.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(tiny)], check=True)
+    try:
+        m = mounter(image.ref, cache_dir=tiny)
+        assert m.layer(1).read_bytes() == image.raws[1]
+        stats = m.stats()
+        assert stats["read_errors"] == 0
+        assert stats["cache"]["write_failures"] > 0
+        lazyerofs("umount", str(m.dir))
+    finally:
+        subprocess.run(["umount", "-l", str(tiny)], check=False)

@@ -1,0 +1,319 @@
+"""Turn cold-start measurements into coldstart.json / .md / .png.
+
+The physical limit is derived here rather than measured, from the lazy cold
+run's touch log, so it always describes exactly the frames the workload
+needed in that run (see ``benchmarks/coldstart.py`` for the model).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from lazyfs.units import format_size
+
+__all__ = ["derive", "write_all"]
+
+Key = tuple[int, float, float, str]  # chunk, rtt_ms, mbit, workload
+LAZY = ("lazy", "lazy+prefetch", "lazy-warm")
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def _touched(touch_log: list[dict[str, Any]], layer_raw: dict[str, int], chunk: int) -> tuple[int, int, int]:
+    """(touched compressed bytes, touched raw bytes, touched frames)."""
+    comp = raw = frames = 0
+    for layer in touch_log:
+        usize = layer_raw.get(layer["digest"], 0)
+        for (start, end), i in zip(layer["spans"], layer["frames"], strict=True):
+            comp += end - start
+            raw += max(0, min(chunk, usize - i * chunk)) if usize else chunk
+            frames += 1
+    return comp, raw, frames
+
+
+def derive(measurements: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
+    """Limit rows, table rows, touched fractions and the RTT slope analysis."""
+    rtt_round_trips = meta["limit_round_trips"]
+    raw_sizes = [la["raw_bytes"] for la in meta["layers"]]
+    raw_total = sum(raw_sizes)
+    # Local run time of each workload with every byte in memory: the fastest
+    # eager run after its mounts were ready (page cache holds the fresh images).
+    local: dict[tuple[int, str], float] = {}
+    for m in measurements:
+        if m["strategy"] == "eager":
+            k = (m["chunk_size"], m["workload"])
+            local[k] = min(local.get(k, float("inf")), m["workload_s"])
+    groups: dict[tuple[Key, str], list[dict[str, Any]]] = defaultdict(list)
+    for m in measurements:
+        groups[((m["chunk_size"], m["rtt_ms"], m["mbit"], m["workload"]), m["strategy"])].append(m)
+
+    limits: list[dict[str, Any]] = []
+    touched_rows: dict[tuple[int, str], dict[str, Any]] = {}
+    for (key, strategy), runs in sorted(groups.items()):
+        if strategy != "lazy":
+            continue
+        chunk, rtt_ms, mbit, workload = key
+        img = meta["images"][str(chunk)]
+        layer_raw = {la["digest"]: raw_sizes[i] for i, la in enumerate(img["layers"]) if i < len(raw_sizes)}
+        blob_total = sum(la["size"] for la in img["layers"])
+        table_bytes = sum(la["table_bytes"] for la in img["layers"])
+        per_run = []
+        for m in runs:
+            log = m["detail"].get("touch_log") or []
+            if not log:
+                continue
+            comp, raw, frames = _touched(log, layer_raw, chunk)
+            bw = mbit * 1e6 / 8
+            head = img["manifest_bytes"] + table_bytes
+            ready = head / bw + (rtt_round_trips - 1) * rtt_ms / 1000
+            net = (head + comp) / bw + rtt_round_trips * rtt_ms / 1000
+            loc = local.get((chunk, workload), 0.0)
+            per_run.append((ready, net + loc, head + comp, comp, raw, frames, net, loc))
+            touched_rows.setdefault((chunk, workload), {"comp": [], "raw": [], "frames": [], "blob_total": blob_total})
+            touched_rows[(chunk, workload)]["comp"].append(comp)
+            touched_rows[(chunk, workload)]["raw"].append(raw)
+            touched_rows[(chunk, workload)]["frames"].append(frames)
+        if not per_run:
+            continue
+        best = min(per_run, key=lambda x: x[1])
+        limits.append(
+            {
+                "chunk_size": chunk,
+                "rtt_ms": rtt_ms,
+                "mbit": mbit,
+                "workload": workload,
+                "strategy": "limit",
+                "ready_s": best[0],
+                "done_s": best[1],
+                "bytes_fetched": best[2],
+                "requests": rtt_round_trips,
+                "touched_compressed": best[3],
+                "touched_raw": best[4],
+                "touched_frames": best[5],
+                "network_s": best[6],
+                "local_workload_s": best[7],
+            }
+        )
+
+    fractions = []
+    for (chunk, workload), t in sorted(touched_rows.items()):
+        comp, raw = min(t["comp"]), min(t["raw"])
+        fractions.append(
+            {
+                "chunk_size": chunk,
+                "workload": workload,
+                "touched_frames": min(t["frames"]),
+                "touched_raw_bytes": raw,
+                "raw_total": raw_total,
+                "raw_fraction": raw / raw_total if raw_total else float("nan"),
+                "touched_compressed_bytes": comp,
+                "blob_total": t["blob_total"],
+                "compressed_fraction": comp / t["blob_total"] if t["blob_total"] else float("nan"),
+            }
+        )
+
+    rows = []
+    limit_by_key = {(r["chunk_size"], r["rtt_ms"], r["mbit"], r["workload"]): r for r in limits}
+    med: dict[tuple[Key, str], dict[str, float]] = {}
+    for (key, strategy), runs in groups.items():
+        med[(key, strategy)] = {
+            f: _median([r[f] for r in runs]) for f in ("ready_s", "done_s", "bytes_fetched", "requests")
+        }
+    order = {"eager": 0, "lazy": 1, "lazy+prefetch": 2, "lazy-warm": 3, "limit": 4}
+    keys = sorted({k for k, _s in med} | set(limit_by_key), key=lambda k: (-k[0], k[1], -k[2], k[3]))
+    for key in keys:
+        eager = med.get((key, "eager"))
+        limit = limit_by_key.get(key)
+        for strategy in sorted({s for k, s in med if k == key} | ({"limit"} if limit else set()), key=order.get):
+            v = limit if strategy == "limit" else med[(key, strategy)]
+            assert v is not None
+            row = {
+                "chunk_size": key[0],
+                "rtt_ms": key[1],
+                "mbit": key[2],
+                "workload": key[3],
+                "strategy": strategy,
+                "ready_s": v["ready_s"],
+                "done_s": v["done_s"],
+                "bytes_fetched": v["bytes_fetched"],
+                "requests": v["requests"],
+                "lazy_over_eager": None,
+                "lazy_over_limit": None,
+            }
+            if strategy in LAZY:
+                if eager:
+                    row["lazy_over_eager"] = v["done_s"] / eager["done_s"]
+                if limit and strategy != "lazy-warm":
+                    row["lazy_over_limit"] = v["done_s"] / limit["done_s"]
+            rows.append(row)
+
+    # Sequential round trips: slope of lazy time over RTT at fixed bandwidth.
+    slopes = []
+    by_bw: dict[tuple[int, float, str], list[tuple[float, float, float]]] = defaultdict(list)
+    for (key, strategy), v in med.items():
+        if strategy == "lazy":
+            by_bw[(key[0], key[2], key[3])].append((key[1] / 1000, v["done_s"], v["ready_s"]))
+    for (chunk, mbit, workload), pts in sorted(by_bw.items()):
+        if len({p[0] for p in pts}) < 2:
+            continue
+        slopes.append(
+            {
+                "chunk_size": chunk,
+                "mbit": mbit,
+                "workload": workload,
+                "sequential_rtts_done": _slope([(p[0], p[1]) for p in pts]),
+                "sequential_rtts_ready": _slope([(p[0], p[2]) for p in pts]),
+            }
+        )
+    return {"limits": limits, "rows": rows, "touched": fractions, "rtt_slopes": slopes}
+
+
+def _slope(pts: list[tuple[float, float]]) -> float:
+    n = len(pts)
+    mx = sum(p[0] for p in pts) / n
+    my = sum(p[1] for p in pts) / n
+    den = sum((p[0] - mx) ** 2 for p in pts)
+    return sum((p[0] - mx) * (p[1] - my) for p in pts) / den if den else float("nan")
+
+
+def _fmt_ratio(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
+
+
+def markdown(derived: dict[str, Any], meta: dict[str, Any]) -> str:
+    m = meta["machine"]
+    lines = [
+        "# Cold start: eager pull vs lazy mount vs physical limit",
+        "",
+        f"Image: {meta['image']}, {len(meta['layers'])} layers "
+        + ", ".join(f"{la['name']} {format_size(la['raw_bytes'])}" for la in meta["layers"])
+        + " (raw EROFS).",
+        f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory']}, kernel {m['kernel']}, Python {m['python']}; {m['date']}.",
+        f"Network: {meta['network_emulator']} (per-request RTT, shared bandwidth cap) in front of docker-registry.",
+        f"Repetitions per point: {meta['repeat']} (the table shows the median). Total wall time {meta['wall_s'] / 60:.1f} min.",
+        "",
+        "Workloads (in a chroot of the mounted rootfs):",
+        "",
+    ]
+    lines += [f"* `{name}`: `{cmd}`" for name, cmd in meta["workloads"].items()]
+    lines += [
+        "",
+        "Strategies: `eager` = download every blob, verify+decode every frame, write layer.erofs, kernel-mount, "
+        "overlay; `lazy` = `lazyerofs mount --rootfs` with an empty chunk cache; `lazy+prefetch` = the same with "
+        "`--prefetch` (the remaining frames are fetched in the background, pausing while reads wait; its bytes "
+        "include the prefetch traffic until the workload exited); `lazy-warm` = `lazy` with the chunk "
+        "cache kept (page cache dropped); `limit` = (manifest + chunk tables + compressed bytes of the frames the "
+        f"lazy run touched) / bandwidth + {meta['limit_round_trips']} x RTT (manifest; all tables in parallel; all "
+        "touched frames in parallel) + the workload's run time with all bytes local. Every run starts with "
+        "`sync; echo 3 > /proc/sys/vm/drop_caches`.",
+        "",
+        "Times in seconds: *ready* = rootfs mounted, *done* = workload exited (both from the start of the pull). "
+        "Bytes and requests as seen by the network emulator (eager, lazy*) or modelled (limit). Ratios use *done*; "
+        "lazy/eager and lazy/limit are given for each lazy strategy's own time (lazy/limit not for lazy-warm).",
+        "",
+        "| chunk | RTT ms | Mbit/s | workload | strategy | ready s | done s | bytes fetched | requests | lazy/eager | lazy/limit |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in derived["rows"]:
+        lines.append(
+            f"| {format_size(r['chunk_size'])} | {r['rtt_ms']:g} | {r['mbit']:g} | {r['workload']} | {r['strategy']} "
+            f"| {r['ready_s']:.2f} | {r['done_s']:.2f} | {format_size(int(r['bytes_fetched']))} | {r['requests']:g} "
+            f"| {_fmt_ratio(r['lazy_over_eager'])} | {_fmt_ratio(r['lazy_over_limit'])} |"
+        )
+    lines += [
+        "",
+        "## Fraction of the image each workload touches",
+        "",
+        "| chunk | workload | frames | raw bytes touched | of raw image | compressed bytes | of blobs |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for t in derived["touched"]:
+        lines.append(
+            f"| {format_size(t['chunk_size'])} | {t['workload']} | {t['touched_frames']} | "
+            f"{format_size(t['touched_raw_bytes'])} | {t['raw_fraction']:.1%} | "
+            f"{format_size(t['touched_compressed_bytes'])} | {t['compressed_fraction']:.1%} |"
+        )
+    if derived["rtt_slopes"]:
+        lines += [
+            "",
+            "## Sequential round trips of the lazy path",
+            "",
+            "Slope of the lazy time over RTT at fixed bandwidth: how many round trips the client waits for one "
+            f"after another (the limit needs {meta['limit_round_trips']}).",
+            "",
+            "| chunk | Mbit/s | workload | sequential RTTs to ready | sequential RTTs to done |",
+            "|---|---:|---|---:|---:|",
+        ]
+        for s in derived["rtt_slopes"]:
+            lines.append(
+                f"| {format_size(s['chunk_size'])} | {s['mbit']:g} | {s['workload']} | "
+                f"{s['sequential_rtts_ready']:.1f} | {s['sequential_rtts_done']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _plot(derived: dict[str, Any], path: Path) -> bool:
+    """Bar chart of time-to-done per strategy, one panel per chunk size x workload."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[report] matplotlib missing (pip install '.[bench]'): no plot")
+        return False
+    rows = derived["rows"]
+    chunks = sorted({r["chunk_size"] for r in rows}, reverse=True)
+    workloads = sorted({r["workload"] for r in rows})
+    strategies = [s for s in ("eager", "lazy", "lazy+prefetch", "lazy-warm", "limit") if any(r["strategy"] == s for r in rows)]
+    nets = sorted({(r["rtt_ms"], r["mbit"]) for r in rows}, key=lambda x: (x[0], -x[1]))
+    fig, axes = plt.subplots(
+        len(chunks), len(workloads), figsize=(5.5 * len(workloads), 3.2 * len(chunks)), squeeze=False, sharey=True
+    )
+    width = 0.8 / max(1, len(strategies))
+    for i, chunk in enumerate(chunks):
+        for j, wl in enumerate(workloads):
+            ax = axes[i][j]
+            for k, strat in enumerate(strategies):
+                ys = []
+                for rtt, mbit in nets:
+                    match = [
+                        r["done_s"]
+                        for r in rows
+                        if (r["chunk_size"], r["workload"], r["strategy"], r["rtt_ms"], r["mbit"])
+                        == (chunk, wl, strat, rtt, mbit)
+                    ]
+                    ys.append(match[0] if match else 0)
+                ax.bar([x + k * width for x in range(len(nets))], ys, width, label=strat)
+            ax.set_xticks([x + width * (len(strategies) - 1) / 2 for x in range(len(nets))])
+            ax.set_xticklabels([f"{rtt:g}ms\n{mbit:g}Mb" for rtt, mbit in nets], fontsize=8)
+            ax.set_yscale("log")
+            ax.set_title(f"{wl}, chunk {format_size(chunk)}", fontsize=10)
+            if j == 0:
+                ax.set_ylabel("time to workload done (s)")
+            ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_all(
+    measurements: list[dict[str, Any]], meta: dict[str, Any], results: Path, name: str, *, plot: bool = True
+) -> list[Path]:
+    """Write ``name``.json (everything), ``name``.md and ``name``.png under ``results``."""
+    results.mkdir(parents=True, exist_ok=True)
+    derived = derive(measurements, meta)
+    out = [results / f"{name}.json", results / f"{name}.md"]
+    out[0].write_text(json.dumps({"meta": meta, "measurements": measurements, **derived}, indent=1) + "\n")
+    out[1].write_text(markdown(derived, meta))
+    if plot and derived["rows"] and _plot(derived, results / f"{name}.png"):
+        out.append(results / f"{name}.png")
+    return out

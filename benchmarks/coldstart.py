@@ -105,6 +105,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--results", type=Path, default=RESULTS, help="output directory")
     p.add_argument("--name", default="coldstart", help="output file stem")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+    p.add_argument(
+        "--mount-args",
+        default="",
+        metavar="ARGS",
+        help="extra options for every lazy mount, e.g. '--fetch-ahead 1MiB' (compare with --name)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.rtt_ms, args.mbit, args.chunk_sizes = "0,80", "100", "1MiB"
@@ -112,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.mbit_list = _csv(float, args.mbit)
     args.chunk_list = [parse_size(x.strip()) for x in args.chunk_sizes.split(",") if x.strip()]
     args.strategy_list = [s for s in args.strategies.split(",") if s]
+    EXTRA_MOUNT_ARGS[:] = shlex.split(args.mount_args)
     unknown = set(args.strategy_list) - set(STRATEGIES)
     if unknown:
         p.error(f"unknown strategies {sorted(unknown)}; known: {', '.join(STRATEGIES)}")
@@ -189,6 +196,8 @@ def force_unmount(mnt: Path, rootfs: Path) -> None:
 
 
 MOUNT_TIMEOUT = 120.0
+# Extra ``lazyerofs mount`` options for every lazy strategy (--mount-args).
+EXTRA_MOUNT_ARGS: list[str] = []
 
 
 @contextlib.contextmanager
@@ -202,6 +211,7 @@ def lazy_mount(ref: str, mnt: Path, rootfs: Path, cache: Path, touch_log: Path, 
     args = ["mount", ref, str(mnt), "--rootfs", str(rootfs), "--cache-dir", str(cache), "--touch-log", str(touch_log)]
     if prefetch:
         args.append("--prefetch")
+    args += EXTRA_MOUNT_ARGS
     t0 = time.monotonic()
     try:
         proc = lazyerofs(*args, timeout=MOUNT_TIMEOUT)

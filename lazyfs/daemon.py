@@ -66,6 +66,7 @@ class MountConfig:
     touch_log: str | None = None  # write touched frames here at exit (benchmarks)
     prefetch: bool = False
     readahead_kb: int = 4096
+    fetch_ahead: int = 0
 
 
 def mount_id(mountpoint: str) -> str:
@@ -172,6 +173,7 @@ async def _open_layer(
         verified=verified,
         verity=verity,
         demand=demand,
+        fetch_ahead=cfg.fetch_ahead,
     )
     return layer, sidecar
 

@@ -42,6 +42,9 @@ DEFAULT_READ_TIMEOUT = 60.0
 # Adjacent missing frames are fetched in one range request up to this many
 # compressed bytes: fewer round trips without one read waiting on a huge body.
 DEFAULT_MERGE_BYTES = 8 << 20
+# Background prefetch requests stay this small (compressed bytes, at least
+# one frame) so they never hold the link long against an on-demand read.
+PREFETCH_BATCH_BYTES = 1 << 20
 
 
 class BlobSource(Protocol):
@@ -131,6 +134,7 @@ class SeekableLayer:
         verified: bool = True,
         verity: Any = None,
         demand: Demand | None = None,
+        fetch_ahead: int = 0,
     ) -> None:
         self.name = name
         self.desc = desc
@@ -143,6 +147,7 @@ class SeekableLayer:
         self.verified = verified
         self.verity = verity  # lazyfs.verity_tail.VerityTail or None
         self.demand = demand or Demand()
+        self.fetch_ahead = fetch_ahead
         self.stats = LayerStats()
         self._flights: dict[int, _Flight] = {}
         self._nursery: trio.Nursery | None = None
@@ -220,8 +225,9 @@ class SeekableLayer:
                 self._present.add(i)
                 i += 1
                 continue
+            # Small batches: an on-demand read waits at most for one of them.
             j = i
-            while j + 1 < count and j + 1 not in self._present and self._span_bytes(i, j + 1) <= self.merge_bytes:
+            while j + 1 < count and j + 1 not in self._present and self._span_bytes(i, j + 1) <= PREFETCH_BATCH_BYTES:
                 j += 1
             await self.demand.wait_idle()
             try:
@@ -264,6 +270,8 @@ class SeekableLayer:
                 flight = self._flights[i] = _Flight()
                 mine.append(i)
             flights[i] = flight
+        if mine and self.fetch_ahead:
+            mine += await self._claim_ahead(mine[-1])
         if mine:
             await self._fetch_runs(mine)
         for i, flight in flights.items():
@@ -273,6 +281,33 @@ class SeekableLayer:
             assert flight.data is not None
             results[i] = flight.data
         return [results[i] for i in frames]
+
+    async def _claim_ahead(self, last: int) -> list[int]:
+        """Claim up to ``fetch_ahead`` raw bytes of missing frames after
+        ``last``: they ride in the same request, so a reader that moves on to
+        its neighbours (files packed next to each other) pays no round trip."""
+        candidates: list[int] = []
+        ahead = 0
+        i = last + 1
+        while i < self.table.frame_count and ahead < self.fetch_ahead and i not in self._flights and i not in self._present:
+            candidates.append(i)
+            ahead += self.table.raw_length(i)
+            i += 1
+        if not candidates:
+            return []
+        keys, table, cache = self._keys, self.table, self.cache
+        cached = await trio.to_thread.run_sync(
+            lambda: {k for k in candidates if cache.contains(keys[k], table.raw_length(k))}, limiter=self.limiter
+        )
+        claimed = []
+        for k in candidates:
+            # Re-check after the await: another task may have claimed it.
+            if k in cached or k in self._flights or k in self._present:
+                self._present.update(cached)
+                break
+            self._flights[k] = _Flight()
+            claimed.append(k)
+        return claimed
 
     async def _cache_get(self, i: int) -> bytes | None:
         key, size = self._keys[i], self.table.raw_length(i)

@@ -176,3 +176,22 @@ async def test_prefetch_waits_while_an_on_demand_read_is_in_progress(tmp_path):
     assert order == ["demand", "prefetch"]
     # The demand read went out first, alone.
     assert source.requests[0][0] == layer.table.span(15)[0]
+
+
+async def test_fetch_ahead_brings_following_frames_in_the_same_request(tmp_path):
+    layer, source = make_layer(tmp_path, RAW, 10_000, fetch_ahead=30_000)
+    assert await layer.read(15_000, 10) == RAW[15_000:15_010]
+    assert len(source.requests) == 1
+    assert layer.stats.fetched_frames == {1, 2, 3, 4}
+    before = len(source.requests)
+    assert await layer.read(35_000, 10_000) == RAW[35_000:45_000]
+    assert len(source.requests) == before  # served by the frames fetched ahead
+
+
+async def test_fetch_ahead_skips_frames_already_cached(tmp_path):
+    layer, source = make_layer(tmp_path, RAW, 10_000, fetch_ahead=30_000)
+    await layer.read(20_000, 10)  # frames 2-5
+    layer._present.clear()  # forget what we know: only the cache can tell
+    source.requests.clear()
+    await layer.read(15_000, 10)  # frame 1; 2.. are on disk
+    assert source.requests == [(layer.table.span(1)[0], layer.table.span(1)[1] - layer.table.span(1)[0])]

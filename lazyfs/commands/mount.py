@@ -71,6 +71,13 @@ examples:
         help="after mounting, fetch the remaining frames in the background (pauses while reads wait)",
     )
     g.add_argument(
+        "--fetch-ahead",
+        type=parse_size,
+        default=0,
+        metavar="SIZE",
+        help="on a miss, also fetch up to SIZE of the following missing frames in the same request (default: 0)",
+    )
+    g.add_argument(
         "--readahead",
         type=parse_size,
         default=4 << 20,
@@ -111,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
         touch_log=args.touch_log,
         prefetch=args.prefetch,
         readahead_kb=max(args.readahead // 1024, 4),
+        fetch_ahead=args.fetch_ahead,
     )
     if cfg.insecure_skip_verify:
         import sys

@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from lazyfs import kmount, seekable
-from lazyfs.errors import FormatError, IntegrityError, LazyErofsError, MountError
+from lazyfs.errors import FetchError, FormatError, IntegrityError, LazyErofsError, MountError
 from lazyfs.layer import (
     DEFAULT_MERGE_BYTES,
     DEFAULT_READ_TIMEOUT,
@@ -138,6 +138,8 @@ async def _open_layer(
     name = f"layer {index} ({desc_dict.get('digest', '?')[:19]})"
     desc = seekable.parse_descriptor(desc_dict, name=name)
     if desc.media_type == seekable.MEDIA_TYPE_PLAIN:
+        if source.size != desc.size:
+            raise IntegrityError(f"{name}: registry says the blob is {source.size} bytes, descriptor {desc.size}")
         log.warning("%s: plain EROFS layer: served by direct range reads, unverified per read", name)
         return PlainLayer(name, desc, source, read_timeout=cfg.read_timeout), None
     if not desc.seekable:
@@ -149,8 +151,11 @@ async def _open_layer(
     if source.size != desc.size:
         raise IntegrityError(f"{name}: registry says the blob is {source.size} bytes, descriptor {desc.size}")
     verify = not cfg.insecure_skip_verify
-    with trio.fail_after(cfg.read_timeout):
-        data = await source.read(desc.table_offset, seekable.table_read_size(desc))
+    try:
+        with trio.fail_after(cfg.read_timeout):
+            data = await source.read(desc.table_offset, seekable.table_read_size(desc))
+    except trio.TooSlowError as exc:
+        raise FetchError(f"{name}: chunk table not fetched within {cfg.read_timeout:g}s") from exc
     table = seekable.read_chunk_table(data, desc, verify=verify, name=name)
     verified = verify and table.hash_algo == seekable.HASH_SHA512
     if not verified:

@@ -67,6 +67,7 @@ class MountConfig:
     prefetch: bool = False
     readahead_kb: int = 4096
     fetch_ahead: int = 0
+    loop: bool = False
 
 
 def mount_id(mountpoint: str) -> str:
@@ -306,7 +307,9 @@ async def _serve(cfg: MountConfig, notify: Any) -> None:
                 await trio.to_thread.run_sync(os.stat, mountpoint)
                 _set_readahead(mountpoint, cfg.readahead_kb)
                 if cfg.rootfs:
-                    await trio.to_thread.run_sync(_kernel_mounts, mountpoint, cfg.rootfs, len(image.layers), state)
+                    await trio.to_thread.run_sync(
+                        _kernel_mounts, mountpoint, cfg.rootfs, len(image.layers), state, cfg.loop
+                    )
                 notify(None)
                 if cfg.prefetch:
                     nursery.start_soon(_prefetch_all, image)
@@ -368,13 +371,13 @@ def _set_readahead(mountpoint: str, kib: int) -> None:
         log.info("cannot set readahead of %s to %d KiB: %s", mountpoint, kib, exc)
 
 
-def _kernel_mounts(mountpoint: str, rootfs: str, count: int, state: dict[str, Any]) -> None:
+def _kernel_mounts(mountpoint: str, rootfs: str, count: int, state: dict[str, Any], loop: bool) -> None:
     """EROFS-mount every layer file and stack them at ``rootfs``; record each step."""
     base = state_dir(mountpoint) / "erofs"
     targets = []
     for i in range(count):
         target = str(base / str(i))
-        m = kmount.mount_erofs(os.path.join(mountpoint, "layers", str(i), "layer.erofs"), target)
+        m = kmount.mount_erofs(os.path.join(mountpoint, "layers", str(i), "layer.erofs"), target, force_loop=loop)
         state["kernel_mounts"].append({"target": m.target, "loop": m.loop, "source": m.source})
         _save_state(mountpoint, state)
         targets.append(target)

@@ -55,19 +55,21 @@ class KernelMount:
     loop: str | None = None
 
 
-def mount_erofs(image: str, target: str, *, allow_loop: bool = True) -> KernelMount:
+def mount_erofs(image: str, target: str, *, allow_loop: bool = True, force_loop: bool = False) -> KernelMount:
     """Mount the EROFS image file read-only at ``target``.
 
     Tries a file-backed mount first (Linux 6.12+ reads the file directly);
-    falls back to a read-only loop device where the kernel wants a block device.
+    falls back to a read-only loop device where the kernel wants a block
+    device, or always with ``force_loop``.
     """
     os.makedirs(target, exist_ok=True)
-    try:
-        _mount(image, target, "erofs", MS_RDONLY)
-        return KernelMount(target, "erofs", image)
-    except OSError as exc:
-        if not allow_loop or exc.errno not in (errno.ENOTBLK, errno.EINVAL, errno.ENODEV):
-            raise MountError(f"cannot mount {image} with the kernel EROFS driver: {exc.strerror}") from exc
+    if not force_loop:
+        try:
+            _mount(image, target, "erofs", MS_RDONLY)
+            return KernelMount(target, "erofs", image)
+        except OSError as exc:
+            if not allow_loop or exc.errno not in (errno.ENOTBLK, errno.EINVAL, errno.ENODEV):
+                raise MountError(f"cannot mount {image} with the kernel EROFS driver: {exc.strerror}") from exc
     loop = subprocess.run(
         ["losetup", "--find", "--show", "--read-only", image], capture_output=True, text=True
     )

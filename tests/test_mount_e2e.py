@@ -308,3 +308,16 @@ def test_full_cache_disk_degrades_to_serving_without_caching(mounter: Mounter, i
         lazyerofs("umount", str(m.dir))
     finally:
         subprocess.run(["umount", "-l", str(tiny)], check=False)
+
+
+def test_rootfs_through_loop_devices_matches_and_detaches_them(mounter: Mounter, image: Image):
+    m = mounter(image.ref, "--loop", rootfs=True)
+    assert m.rootfs is not None
+    assert tree_listing(m.rootfs) == tree_listing(image.merged)
+    states = [json.loads(p.read_text()) for p in Path("/run/lazyerofs").glob("*/state.json")]
+    state = next(s for s in states if s["mountpoint"] == str(m.dir))
+    loops = [k["loop"] for k in state["kernel_mounts"]]
+    assert len(loops) == 3 and all(dev and dev.startswith("/dev/loop") for dev in loops)
+    lazyerofs("umount", str(m.dir))
+    attached = subprocess.run(["losetup", "--list", "--noheadings", "--output", "NAME"], capture_output=True, text=True).stdout.split()
+    assert not set(loops) & set(attached)

@@ -43,6 +43,11 @@ examples:
         metavar="DIR",
         help="also mount every layer with the kernel EROFS driver and stack them (overlayfs) at DIR",
     )
+    p.add_argument(
+        "--loop",
+        action="store_true",
+        help="with --rootfs: mount layers through loop devices even where the kernel can mount files",
+    )
     p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: /run/lazyerofs/<id>.log)")
     g = p.add_argument_group("cache")
@@ -119,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         prefetch=args.prefetch,
         readahead_kb=max(args.readahead // 1024, 4),
         fetch_ahead=args.fetch_ahead,
+        loop=args.loop,
     )
     if cfg.insecure_skip_verify:
         import sys

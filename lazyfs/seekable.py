@@ -20,7 +20,7 @@ import os
 import re
 import struct
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -432,6 +432,7 @@ def encode_image(
     dm_verity: bool = False,
     verity_block_size: int = 4096,
     workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> EncodeResult:
     """Write the seekable blob of the raw EROFS image at ``src_path``.
 
@@ -439,6 +440,7 @@ def encode_image(
     multi-GiB image needs no more than a few chunk sizes of RAM. Frames are
     compressed in threads (zstd releases the GIL) but written in order.
     The output is written to a temporary name and renamed on success.
+    ``progress(done_bytes, total_bytes)`` is called after each frame.
     """
     if not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk size must be in 1..{MAX_CHUNK_SIZE}, got {chunk_size}")
@@ -462,11 +464,20 @@ def encode_image(
     try:
         with open(src_path, "rb") as src, open(tmp_path, "wb") as dst:
 
+            total = os.fstat(src.fileno()).st_size
+
             def emit(data: bytes) -> None:
                 nonlocal position
                 dst.write(data)
                 blob_hash.update(data)
                 position += len(data)
+
+            def emit_frame(frame: bytes, digest: bytes) -> None:
+                offsets.append(position)
+                checksums.append(digest)
+                emit(frame)
+                if progress is not None:
+                    progress(min(len(offsets) * chunk_size, total), total)
 
             with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                 pending: list[concurrent.futures.Future[tuple[bytes, bytes]]] = []
@@ -475,15 +486,9 @@ def encode_image(
                     usize += len(chunk)
                     pending.append(pool.submit(compress, chunk))
                     while len(pending) >= 2 * workers or (pending and pending[0].done()):
-                        frame, digest = pending.pop(0).result()
-                        offsets.append(position)
-                        checksums.append(digest)
-                        emit(frame)
+                        emit_frame(*pending.pop(0).result())
                 for fut in pending:
-                    frame, digest = fut.result()
-                    offsets.append(position)
-                    checksums.append(digest)
-                    emit(frame)
+                    emit_frame(*fut.result())
 
             payload = bytearray(_HEADER.pack(TABLE_MAGIC, TABLE_VERSION, usize, chunk_size, HASH_SHA512, 0))
             for off, digest in zip(offsets, checksums, strict=True):

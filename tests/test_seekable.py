@@ -309,3 +309,12 @@ def test_insecure_mode_accepts_hash_algo_none_but_still_checks_the_table_digest(
     data[-1] ^= 0xFF
     with pytest.raises(IntegrityError, match="does not match chunk_digest"):
         decode_all(bytes(data), blob.descriptor, verify=False)
+
+
+def test_encoder_reports_progress_up_to_the_whole_image(tmp_path: Path):
+    (tmp_path / "img").write_bytes(sample_raw(50_000))
+    seen: list[tuple[int, int]] = []
+    seekable.encode_image(tmp_path / "img", tmp_path / "blob", chunk_size=7_000, progress=lambda d, t: seen.append((d, t)))
+    assert len(seen) == 8
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert seen[-1] == (50_000, 50_000)

@@ -8,6 +8,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from lazyfs import seekable
@@ -66,6 +67,7 @@ def encode_source(src: str, output: str, args: argparse.Namespace) -> seekable.E
         level=args.level,
         dm_verity=args.dm_verity,
         verity_block_size=args.verity_block_size,
+        progress=_progress_printer(os.path.basename(output)) if sys.stderr.isatty() else None,
     )
     if path.is_dir():
         with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(output))) as tmp:
@@ -75,6 +77,23 @@ def encode_source(src: str, output: str, args: argparse.Namespace) -> seekable.E
     if not is_erofs_image(path):
         raise FormatError(f"{src}: not a directory and not a raw EROFS image (no superblock magic)")
     return seekable.encode_image(path, output, **opts)
+
+
+def _progress_printer(label: str) -> Callable[[int, int], None]:
+    """A one-line progress display on stderr, redrawn at most 10 times a second."""
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.1 and done < total:
+            return
+        last[0] = now
+        pct = 100 * done / total if total else 100.0
+        end = "\n" if done >= total else ""
+        sys.stderr.write(f"\rencoding {label}: {format_size(done)} of {format_size(total)} ({pct:.0f}%){end}")
+        sys.stderr.flush()
+
+    return show
 
 
 def write_descriptor(blob: str, result: seekable.EncodeResult) -> str:

@@ -34,6 +34,7 @@ from lazyfs.layer import (
     DEFAULT_MERGE_BYTES,
     DEFAULT_READ_TIMEOUT,
     Demand,
+    LinkEstimate,
     PlainLayer,
     SeekableLayer,
 )
@@ -135,6 +136,7 @@ async def _open_layer(
     cache: Any,
     limiter: trio.CapacityLimiter,
     demand: Demand,
+    link: LinkEstimate,
 ) -> tuple[Any, bytes | None] | None:
     name = f"layer {index} ({desc_dict.get('digest', '?')[:19]})"
     desc = seekable.parse_descriptor(desc_dict, name=name)
@@ -180,6 +182,7 @@ async def _open_layer(
         verity=verity,
         demand=demand,
         fetch_ahead=cfg.fetch_ahead,
+        link=link,
     )
     return layer, sidecar
 
@@ -215,10 +218,11 @@ async def _open_image(cfg: MountConfig, stack: contextlib.AsyncExitStack, cache:
         descs = [(d, client.blob(ref, d)) for d in image.layers]
     out = _Image(manifest)
     demand = Demand()
+    link = LinkEstimate()  # one network path for all layers
     opened: list[Any] = [None] * len(descs)
 
     async def open_one(i: int) -> None:
-        opened[i] = await _open_layer(cfg, i, descs[i][0], descs[i][1], cache, limiter, demand)
+        opened[i] = await _open_layer(cfg, i, descs[i][0], descs[i][1], cache, limiter, demand, link)
 
     # One round trip for all chunk tables, not one per layer.
     async with trio.open_nursery() as nursery:

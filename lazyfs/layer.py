@@ -31,7 +31,9 @@ __all__ = [
     "DEFAULT_MERGE_BYTES",
     "DEFAULT_READ_TIMEOUT",
     "BlobSource",
+    "Demand",
     "LayerStats",
+    "LinkEstimate",
     "PlainLayer",
     "SeekableLayer",
 ]
@@ -45,6 +47,8 @@ DEFAULT_MERGE_BYTES = 8 << 20
 # Background prefetch requests stay this small (compressed bytes, at least
 # one frame) so they never hold the link long against an on-demand read.
 PREFETCH_BATCH_BYTES = 1 << 20
+# With --fetch-ahead auto, never more than this per miss.
+AUTO_FETCH_AHEAD_CAP = 4 << 20
 
 
 class BlobSource(Protocol):
@@ -105,6 +109,35 @@ class Demand:
             await self._idle.wait()
 
 
+class LinkEstimate:
+    """What the network between us and the registry looks like, learnt from
+    our own requests: round-trip time (the fastest request seen: small
+    requests are nearly all latency) and bandwidth (a moving average over
+    large requests). Their product, the bandwidth-delay product, is how many
+    bytes one round trip is worth: fetching that much extra costs about one
+    round trip of transfer, and saves a whole round trip when it is used.
+    """
+
+    LARGE = 128 << 10  # requests at least this big measure bandwidth
+
+    def __init__(self) -> None:
+        self.rtt: float | None = None
+        self.bandwidth: float | None = None  # bytes per second
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        self.rtt = seconds if self.rtt is None else min(self.rtt, seconds)
+        if nbytes >= self.LARGE:
+            transfer = max(seconds - self.rtt, 1e-4)
+            sample = nbytes / transfer
+            self.bandwidth = sample if self.bandwidth is None else 0.7 * self.bandwidth + 0.3 * sample
+
+    def bdp(self) -> int:
+        """Bytes in flight over one round trip; 0 until both are known."""
+        if self.rtt is None or self.bandwidth is None:
+            return 0
+        return int(self.rtt * self.bandwidth)
+
+
 class _Flight:
     """One in-progress fetch of a frame; waiters block on ``done``."""
 
@@ -135,6 +168,7 @@ class SeekableLayer:
         verity: Any = None,
         demand: Demand | None = None,
         fetch_ahead: int = 0,
+        link: LinkEstimate | None = None,
     ) -> None:
         self.name = name
         self.desc = desc
@@ -147,7 +181,9 @@ class SeekableLayer:
         self.verified = verified
         self.verity = verity  # lazyfs.verity_tail.VerityTail or None
         self.demand = demand or Demand()
+        # fetch_ahead < 0 means "auto": one bandwidth-delay product, capped.
         self.fetch_ahead = fetch_ahead
+        self.link = link or LinkEstimate()
         self.stats = LayerStats()
         self._flights: dict[int, _Flight] = {}
         self._nursery: trio.Nursery | None = None
@@ -270,7 +306,7 @@ class SeekableLayer:
                 flight = self._flights[i] = _Flight()
                 mine.append(i)
             flights[i] = flight
-        if mine and self.fetch_ahead:
+        if mine and self._ahead_bytes():
             mine += await self._claim_ahead(mine[-1])
         if mine:
             await self._fetch_runs(mine)
@@ -282,6 +318,11 @@ class SeekableLayer:
             results[i] = flight.data
         return [results[i] for i in frames]
 
+    def _ahead_bytes(self) -> int:
+        if self.fetch_ahead >= 0:
+            return self.fetch_ahead
+        return min(self.link.bdp(), AUTO_FETCH_AHEAD_CAP)
+
     async def _claim_ahead(self, last: int) -> list[int]:
         """Claim up to ``fetch_ahead`` raw bytes of missing frames after
         ``last``: they ride in the same request, so a reader that moves on to
@@ -289,7 +330,8 @@ class SeekableLayer:
         candidates: list[int] = []
         ahead = 0
         i = last + 1
-        while i < self.table.frame_count and ahead < self.fetch_ahead and i not in self._flights and i not in self._present:
+        limit = self._ahead_bytes()
+        while i < self.table.frame_count and ahead < limit and i not in self._flights and i not in self._present:
             candidates.append(i)
             ahead += self.table.raw_length(i)
             i += 1
@@ -421,7 +463,9 @@ class SeekableLayer:
 
     async def _fetch(self, offset: int, length: int) -> bytes:
         self.stats.requests += 1
+        started = trio.current_time()
         data = await self.source.read(offset, length)
+        self.link.observe(len(data), trio.current_time() - started)
         self.stats.bytes_fetched += len(data)
         return data
 

@@ -195,3 +195,32 @@ async def test_fetch_ahead_skips_frames_already_cached(tmp_path):
     source.requests.clear()
     await layer.read(15_000, 10)  # frame 1; 2.. are on disk
     assert source.requests == [(layer.table.span(1)[0], layer.table.span(1)[1] - layer.table.span(1)[0])]
+
+
+def test_link_estimate_learns_rtt_from_small_and_bandwidth_from_large_requests():
+    from lazyfs.layer import LinkEstimate
+
+    link = LinkEstimate()
+    assert link.bdp() == 0
+    link.observe(4_000, 0.080)  # a chunk table: nearly all latency
+    assert link.bdp() == 0  # no bandwidth yet
+    link.observe(1 << 20, 0.080 + 0.010)  # 1 MiB in 10 ms after the RTT: ~100 MiB/s
+    assert link.rtt == pytest.approx(0.080)
+    assert link.bdp() == pytest.approx(0.080 * (1 << 20) / 0.010, rel=0.01)
+
+
+async def test_auto_fetch_ahead_stays_off_on_a_fast_local_link(tmp_path):
+    layer, _ = make_layer(tmp_path, RAW, 10_000, fetch_ahead=-1)
+    for off in (0, 50_000, 120_000, 180_000):
+        await layer.read(off, 10)
+    # The source answers instantly: the bandwidth-delay product is ~0.
+    assert layer.stats.frames_fetched == 4
+
+
+async def test_auto_fetch_ahead_grows_with_latency(tmp_path):
+    layer, source = make_layer(tmp_path, RAW, 10_000, fetch_ahead=-1, delay=0.05)
+    layer.link.observe(4_000, 0.05)  # a 50 ms round trip
+    layer.link.observe(200_000, 0.05 + 0.001)  # 200 KB took 1 ms past it: BDP ~10 MB, capped
+    await layer.read(0, 10)
+    assert layer.stats.frames_fetched > 1
+    assert len(source.requests) == 1

@@ -77,10 +77,13 @@ examples:
     )
     g.add_argument(
         "--fetch-ahead",
-        type=parse_size,
+        type=_fetch_ahead,
         default=0,
-        metavar="SIZE",
-        help="on a miss, also fetch up to SIZE of the following missing frames in the same request (default: 0)",
+        metavar="SIZE|auto",
+        help=(
+            "on a miss, also fetch up to SIZE of the following missing frames in the same request; "
+            "'auto' = the measured bandwidth x round-trip time, at most 4MiB (default: 0)"
+        ),
     )
     g.add_argument(
         "--readahead",
@@ -99,6 +102,10 @@ examples:
     add_registry_options(p)
     p.add_argument("--touch-log", metavar="FILE", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
+
+
+def _fetch_ahead(value: str) -> int:
+    return -1 if value == "auto" else parse_size(value)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -331,7 +331,12 @@ class SeekableLayer:
         ahead = 0
         i = last + 1
         limit = self._ahead_bytes()
-        while i < self.table.frame_count and ahead < limit and i not in self._flights and i not in self._present:
+        while (
+            i < self.table.frame_count
+            and ahead + self.table.raw_length(i) <= limit
+            and i not in self._flights
+            and i not in self._present
+        ):
             candidates.append(i)
             ahead += self.table.raw_length(i)
             i += 1

@@ -48,7 +48,7 @@ from __future__ import annotations
 import hashlib
 import struct
 import uuid as uuid_mod
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -381,28 +381,12 @@ def build_payload(
 
     level0 = _LevelWriter(geometry)
     single: bytes | None = None  # digest of the only block, when there is no tree
-    remaining = data_size
-    pending = bytearray()
-    while remaining > 0:
-        chunk = image.read(min(_READ_CHUNK, remaining))
-        if not chunk:
-            raise FormatError(
-                f"dm-verity: image ended after {data_size - remaining} of {data_size} bytes"
-            )
-        remaining -= len(chunk)
-        pending += chunk
-        if remaining == 0 and len(pending) % block_size:
-            pending += bytes(block_size - len(pending) % block_size)
-        whole = len(pending) - len(pending) % block_size
-        view = memoryview(pending)
-        for off in range(0, whole, block_size):
-            digest = hasher(view[off : off + block_size])
-            if geometry.levels:
-                level0.add(digest)
-            else:
-                single = digest
-        view.release()
-        del pending[:whole]
+    for block in _padded_blocks(image, data_size, block_size):
+        digest = hasher(block)
+        if geometry.levels:
+            level0.add(digest)
+        else:
+            single = digest
 
     if not geometry.levels:
         assert single is not None
@@ -672,29 +656,34 @@ def verify_image(
 
     bad: list[int] = []
     dbs = tree.data_block_size
-    remaining = image_size
-    index = 0
+    for index, block in enumerate(_padded_blocks(image, image_size, dbs)):
+        hash_block = tree.data_hash_block(index)
+        level0 = b"" if hash_block is None else raw[hash_block * hbs : (hash_block + 1) * hbs]
+        try:
+            tree.verify_data_block(index, block, level0)
+        except IntegrityError:
+            bad.append(index)
+    return bad
+
+
+def _padded_blocks(image: BinaryIO, size: int, block_size: int) -> Iterator[bytes]:
+    """The first ``size`` bytes of ``image`` as whole blocks, the last one
+    zero-padded (the tree covers the padded image), read in large pieces so
+    memory stays bounded."""
+    remaining = size
     pending = bytearray()
     while remaining > 0:
         chunk = image.read(min(_READ_CHUNK, remaining))
         if not chunk:
-            raise FormatError(
-                f"dm-verity: image ended after {image_size - remaining} of {image_size} bytes"
-            )
+            raise FormatError(f"dm-verity: image ended after {size - remaining} of {size} bytes")
         remaining -= len(chunk)
         pending += chunk
-        whole = len(pending) if remaining == 0 else len(pending) - len(pending) % dbs
-        for off in range(0, whole, dbs):
-            block = bytes(pending[off : off + dbs])
-            hash_block = tree.data_hash_block(index)
-            level0 = b"" if hash_block is None else raw[hash_block * hbs : (hash_block + 1) * hbs]
-            try:
-                tree.verify_data_block(index, block, level0)
-            except IntegrityError:
-                bad.append(index)
-            index += 1
+        if remaining == 0 and len(pending) % block_size:
+            pending += bytes(block_size - len(pending) % block_size)
+        whole = len(pending) - len(pending) % block_size
+        for off in range(0, whole, block_size):
+            yield bytes(pending[off : off + block_size])
         del pending[:whole]
-    return bad
 
 
 def materialized_hash_offset(image_size: int, data_block_size: int) -> int:

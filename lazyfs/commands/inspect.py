@@ -9,9 +9,11 @@ import os
 import sys
 from typing import Any
 
+import trio
+
 from lazyfs import seekable
 from lazyfs.commands._registry_opts import add_registry_options
-from lazyfs.errors import FormatError, IntegrityError, LazyErofsError
+from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.units import format_size
 
 
@@ -98,21 +100,26 @@ def inspect_blob(blob: str, descriptor_path: str) -> dict[str, Any]:
             raise FormatError(f"{name}: media type {desc.media_type} is not an EROFS layer")
         report["uncompressed_size"] = desc.size
         return report
-    with open(blob, "rb") as f:
-        assert desc.table_offset is not None
-        f.seek(desc.table_offset)
-        table = seekable.read_chunk_table(f.read(seekable.table_read_size(desc)), desc, name=name)
-        frames = []
-        for i in range(table.frame_count):
-            start, end = table.span(i)
-            f.seek(start)
-            entry = {"index": i, "offset": start, "compressed": end - start, "raw": table.raw_length(i)}
-            try:
-                seekable.decode_frame(table, i, f.read(end - start), name=name)
-            except LazyErofsError as exc:
-                report["errors"].append(str(exc))
-                entry["error"] = str(exc)
-            frames.append(entry)
+    # The frame checks are `lazyerofs verify`'s, run on the local file.
+    from lazyfs.commands.verify import Progress, verify_layer
+    from lazyfs.sources import FileSource
+
+    source = FileSource(blob)
+    try:
+        checked = trio.run(verify_layer, 0, desc.to_dict(), source, Progress(False), name)
+    finally:
+        source.close()
+    table = checked.table
+    assert table is not None
+    report["errors"] = checked.errors
+    frame_errors = dict(zip(checked.bad_frames, checked.errors, strict=False))
+    frames = []
+    for i in range(table.frame_count):
+        start, end = table.span(i)
+        entry = {"index": i, "offset": start, "compressed": end - start, "raw": table.raw_length(i)}
+        if i in frame_errors:
+            entry["error"] = frame_errors[i]
+        frames.append(entry)
     compressed = table.compressed_size
     report.update(
         uncompressed_size=table.uncompressed_size,

@@ -61,6 +61,10 @@ class LayerReport:
     errors: list[str] = field(default_factory=list)
     verity: bool = False
     skipped: str | None = None
+    table: seekable.ChunkTable | None = field(default=None, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "table"}
 
 
 class Progress:
@@ -84,8 +88,10 @@ class Progress:
             sys.stderr.write("\n")
 
 
-async def verify_layer(index: int, desc_dict: dict[str, Any], source: Any, progress: Progress) -> LayerReport:
-    name = f"layer {index}"
+async def verify_layer(
+    index: int, desc_dict: dict[str, Any], source: Any, progress: Progress, name: str | None = None
+) -> LayerReport:
+    name = name or f"layer {index}"
     desc = seekable.parse_descriptor(desc_dict, name=name)
     report = LayerReport(index, desc.digest, desc.media_type)
     if not desc.seekable:
@@ -96,6 +102,7 @@ async def verify_layer(index: int, desc_dict: dict[str, Any], source: Any, progr
         await source.read(desc.table_offset, seekable.table_read_size(desc)), desc, name=name
     )
     report.frames = table.frame_count
+    report.table = table
     report.verity = desc.verity_offset is not None
     with tempfile.TemporaryFile() if report.verity else contextlib.nullcontext() as image:
         i = 0
@@ -189,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
         for err in r.errors:
             print(f"lazyerofs: verify: {err}", file=sys.stderr)
     if args.json:
-        json.dump([r.__dict__ for r in reports], sys.stdout, indent=2)
+        json.dump([r.to_json() for r in reports], sys.stdout, indent=2)
         print()
     else:
         for r in reports:

@@ -11,6 +11,10 @@ only), so a container snapshotter can share the directory and the code::
             data = fetch_and_verify(...)
             c.put(digest, data)
 
+The directory must belong to the user running the cache and be writable by
+no one else (``CacheError`` otherwise): entries are only as trustworthy as
+the directory that holds them.
+
 The implementation lives in private modules; this is the whole public surface.
 """
 
@@ -19,6 +23,7 @@ from cache._store import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MEMORY_BYTES,
     CacheEntry,
+    CacheError,
     CacheStatistics,
     ChunkCache,
 )
@@ -27,6 +32,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MEMORY_BYTES",
     "CacheEntry",
+    "CacheError",
     "CacheStatistics",
     "ChunkCache",
     "default_cache_dir",

@@ -1,6 +1,7 @@
 """The chunk store: decompressed frames on disk, keyed by the frame's digest.
 
-On-disk layout under ``root``::
+On-disk layout under ``root`` (directories 0700, files 0600: a private
+image's bytes are nobody else's business)::
 
     chunks/ab/ab12...ef   one entry per key, named by the key in hex, fanned
                           out by its first two hex digits (256 directories)
@@ -12,6 +13,16 @@ An entry is a 48-byte header (magic, format version, data length, SHA-256 of
 key + data) followed by the data. The directory itself is the truth: there is
 no index to drift out of step, so a crash, a restart or a second daemon never
 needs a repair step.
+
+Because the directory is the truth, it must be ours. The root, ``chunks/`` and
+``tmp/`` must be owned by the effective user and writable by nobody else, or
+the cache refuses to open (:class:`CacheError`): whoever can write there can
+plant entries, and an entry's own digest cannot tell a forgery from the real
+thing. Below the root everything goes through directory descriptors opened
+with ``O_NOFOLLOW`` (``openat``, ``renameat``, ``unlinkat``, ``fstatat``), so a
+symbolic link planted anywhere inside is never followed: an entry that is a
+link is damage, a ``chunks/xx`` that is a link is skipped, a ``tmp`` that is a
+link is refused, and nothing outside the root is read, written or removed.
 
 Recency lives in each entry's atime, set explicitly with ``utime`` on a disk
 hit (reads use O_NOATIME so the mount's atime policy stays out of it). It is
@@ -46,6 +57,7 @@ __all__ = [
     "DEFAULT_MEMORY_BYTES",
     "HEADER_SIZE",
     "CacheEntry",
+    "CacheError",
     "CacheStatistics",
     "ChunkCache",
 ]
@@ -76,9 +88,34 @@ _TOUCH_BATCH = 1024
 # (a journal write on ext4) once, not on every read.
 _TOUCH_GRANULARITY_NS = 1_000_000_000
 _MAX_KEY_BYTES = 64
+
+_DIR_MODE = 0o700
+_FILE_MODE = 0o600
+# What a cache root holds; a root holding anything else is someone's
+# directory that was pointed at, and its mode is not ours to change.
+_CACHE_NAMES = frozenset({"chunks", "tmp", "lock"})
+# Never through a symlink: O_DIRECTORY|O_NOFOLLOW fails on one (ENOTDIR).
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# A handle good only for *at() calls: cheaper than a readable open, and all
+# the hot path needs of chunks/xx.
+_PATH_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # Recency is ours to set: keep the kernel's relatime from adding its own
-# atime writes (and coarse timestamps) on reads.
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
+# atime writes (and coarse timestamps) on reads. O_NOFOLLOW: an entry that is
+# a link is damage, never followed; O_NONBLOCK: a FIFO in its place cannot
+# hang the reader (no effect on regular files).
+_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+_NOATIME = getattr(os, "O_NOATIME", 0)
+_WRITE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+class CacheError(Exception):
+    """The cache directory cannot be used, or cannot be trusted.
+
+    Raised when opening a cache whose root (or ``chunks/``, ``tmp/``, ``lock``)
+    cannot be created or opened, is not a directory, is a symbolic link, is
+    owned by another user, or is writable by group or others. The message
+    names the path and the reason; callers show it as it is.
+    """
 
 
 @dataclass(frozen=True)
@@ -115,7 +152,7 @@ class CacheEntry(NamedTuple):
 class _Scanned(NamedTuple):
     atime_ns: int
     disk_size: int
-    path: str
+    sub: str  # the chunks/ subdirectory it was found in
     name: str
 
 
@@ -167,22 +204,40 @@ class ChunkCache:
     """Decompressed chunks on local disk, with a byte-bounded memory LRU in front.
 
     Synchronous and thread-safe: the daemon calls it from worker threads.
-    Several processes may share one ``root``; writes are atomic renames and
-    evictions are serialised by an flock, so readers never see half an entry
-    and concurrent writers of one key leave one good entry.
+    Several processes of the same user may share one ``root``; writes are
+    atomic renames and evictions are serialised by an flock, so readers never
+    see half an entry and concurrent writers of one key leave one good entry.
+
+    The directory is trusted, not checked: ``root``, ``chunks/`` and ``tmp/``
+    must belong to the effective user and be writable by no one else, or the
+    constructor raises :class:`CacheError`. A root readable by others is
+    tightened to 0700 (logged) when it holds nothing but the cache; new
+    directories are made 0700 and entries 0600. No symbolic link inside the
+    root is ever followed.
 
     Args:
-        root: the cache directory; created if missing.
+        root: the cache directory; created (0700) if missing.
         max_bytes: disk budget, headers included. Eviction (oldest atime
             first) starts when a put goes over it.
         memory_bytes: budget of the in-memory LRU; 0 turns it off.
-        verify_at_rest: re-hash every entry read from disk against the digest
-            stored at write time; a mismatch is treated as damage (removed,
-            reported as a miss) so the caller refetches.
+        verify_at_rest: re-hash every entry read from disk against the
+            SHA-256 of key + data stored in that entry's own header at write
+            time; a mismatch is treated as damage (removed, reported as a
+            miss) so the caller refetches. This catches corruption (bit rot,
+            torn or misdirected writes, an entry renamed to another key), NOT
+            forgery: whoever can write the directory can write a matching
+            header too. Entries hold decompressed data, so the frame's SHA-512
+            (over the compressed bytes) cannot be re-checked here; protection
+            against a hostile writer is the directory's ownership and mode,
+            which the constructor enforces.
         fsync: fsync each entry before it is renamed into place. Off by
             default: a torn entry after a power cut fails the size check (or
             the digest check) and is refetched, which is cheaper than an fsync
             per chunk.
+
+    Raises:
+        CacheError: ``root`` cannot be created or opened, or is not safe to
+            trust (see above).
     """
 
     def __init__(
@@ -201,21 +256,39 @@ class ChunkCache:
         self.memory_limit = memory_bytes
         self.verify_at_rest = verify_at_rest
         self.fsync = fsync
-        self._chunks = os.path.join(self.root, "chunks")
-        self._tmp = os.path.join(self.root, "tmp")
-        os.makedirs(self._chunks, exist_ok=True)
-        os.makedirs(self._tmp, exist_ok=True)
-        self._lock_fd = _open_lock(os.path.join(self.root, "lock"))
+        self._root_fd = self._chunks_fd = self._tmp_fd = self._lock_fd = -1
+        # Directory handles replaced after tmp/ or chunks/ vanished under us;
+        # kept open until close() so a thread still using one never sees its
+        # number reused for another file.
+        self._retired: list[int] = []
+        try:
+            self._root_fd = _open_root(str(self.root))
+            # listdir on a dup of the fd: nothing here follows a link.
+            foreign = set(os.listdir(self._root_fd)) - _CACHE_NAMES
+            _check_trusted(self._root_fd, str(self.root), tighten=not foreign)
+            if foreign and os.fstat(self._root_fd).st_mode & 0o077:
+                log.info(
+                    "chunk cache %s also holds other files: its mode is left alone (chunks/ and tmp/ are 0700)",
+                    self.root,
+                )
+            self._chunks_fd = _open_dir(self._root_fd, "chunks", f"{self.root}/chunks")
+            self._tmp_fd = _open_dir(self._root_fd, "tmp", f"{self.root}/tmp")
+            self._lock_fd = _open_lock(self._root_fd, f"{self.root}/lock")
+        except BaseException:
+            self._release_fds()
+            raise
         self._mem: LRUCache[bytes, bytes] | None = (
             LRUCache(maxsize=memory_bytes, getsizeof=len) if memory_bytes > 0 else None
         )
-        # _lock guards the memory LRU and the counters (never held over I/O);
-        # _gc_lock keeps this process's threads to one scan at a time (flock
-        # alone would also do it, but would block them inside the kernel).
+        # _lock guards the memory LRU, the counters and the directory handles
+        # (never held over I/O); _gc_lock keeps this process's threads to one
+        # scan at a time (flock alone would also do it, but would block them
+        # inside the kernel).
         self._lock = threading.Lock()
         self._gc_lock = threading.Lock()
         self._touched: set[bytes] = set()
         self._warned: set[int] = set()
+        self._warned_paths: set[str] = set()
         self._hits = self._misses = self._memory_hits = self._disk_hits = 0
         self._puts = self._write_failures = self._damaged = self._evictions = 0
         self._disk_bytes = self._disk_entries = self._written_since_scan = 0
@@ -233,6 +306,11 @@ class ChunkCache:
 
     def __repr__(self) -> str:
         return f"ChunkCache({str(self.root)!r}, max_bytes={self.max_bytes})"
+
+    def __del__(self) -> None:
+        # A cache dropped without close() must not leak its directory handles.
+        with contextlib.suppress(Exception):  # at interpreter shutdown, nothing to protect
+            self._release_fds()
 
     # -- the hot path ------------------------------------------------------------
 
@@ -296,15 +374,23 @@ class ChunkCache:
         if entry_size > self.max_bytes:
             log.debug("chunk of %d bytes exceeds the cache budget; kept in memory only", len(data))
             return False
-        path = self._path(key)
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_size == entry_size:
-                # Another daemon (or an earlier put) got there first.
-                _touch(path)
-                return True
+        name = key.hex()
+        sub = self._sub(name[:2])
+        if sub is not None:
+            try:
+                st = os.stat(name, dir_fd=sub, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_size == entry_size:
+                    # Another daemon (or an earlier put) got there first.
+                    with contextlib.suppress(OSError):
+                        _touch_at(sub, name)
+                    return True
+            except OSError:
+                pass
+            finally:
+                os.close(sub)
         try:
-            self._write_entry(key, data, path)
-        except OSError as exc:
+            self._write_entry(key, data)
+        except (OSError, CacheError) as exc:
             self._write_failed(exc)
             return False
         with self._lock:
@@ -334,10 +420,17 @@ class ChunkCache:
                 data = mem.get(key)
             if data is not None and len(data) == size:
                 return True
+        name = key.hex()
+        sub = self._sub(name[:2])
+        if sub is None:
+            return False
         try:
-            return os.stat(self._path(key)).st_size == HEADER_SIZE + size
+            st = os.stat(name, dir_fd=sub, follow_symlinks=False)
         except OSError:
             return False
+        finally:
+            os.close(sub)
+        return stat.S_ISREG(st.st_mode) and st.st_size == HEADER_SIZE + size
 
     # -- housekeeping ------------------------------------------------------------
 
@@ -405,7 +498,7 @@ class ChunkCache:
                     if total <= target:
                         break
                     try:
-                        os.unlink(s.path)
+                        self._unlink_entry(s)
                     except FileNotFoundError:
                         pass  # removed by someone else meanwhile
                     except OSError as exc:
@@ -436,7 +529,7 @@ class ChunkCache:
         with self._gc_lock, self._flocked():
             for s in self._scan():
                 with contextlib.suppress(FileNotFoundError):
-                    os.unlink(s.path)
+                    self._unlink_entry(s)
                     freed += s.disk_size
             self._remove_stale_tmp(_STALE_TMP_SECONDS)
             with self._lock:
@@ -448,6 +541,13 @@ class ChunkCache:
         damaged (and removed). For ``lazyerofs cache gc --verify``."""
         damaged = 0
         for s in self._scan():
+            if not s.name.startswith(s.sub):
+                # Filed under the wrong fan-out directory: no lookup finds it.
+                self._note_damage(s.name, "in the wrong directory")
+                with contextlib.suppress(OSError):
+                    self._unlink_entry(s)
+                damaged += 1
+                continue
             key = bytes.fromhex(s.name)
             # Shorter than a header: size 0 makes it fail the size check.
             size = max(s.disk_size - HEADER_SIZE, 0)
@@ -456,21 +556,29 @@ class ChunkCache:
         return damaged
 
     def close(self) -> None:
-        """Flush pending recency updates and release the lock file. Idempotent."""
+        """Flush pending recency updates and release the directory. Idempotent.
+
+        Call it once no other thread uses the cache: afterwards every get is
+        a miss and every put a write failure.
+        """
         with contextlib.suppress(OSError):
             self._flush_touched()
         with self._lock:
             if self._mem is not None:
                 self._mem.clear()
-            fd, self._lock_fd = self._lock_fd, -1
-        if fd >= 0:
-            os.close(fd)
+            self._release_fds()
 
     # -- internals ---------------------------------------------------------------
 
-    def _path(self, key: bytes) -> str:
-        name = key.hex()
-        return f"{self._chunks}/{name[:2]}/{name}"
+    def _release_fds(self) -> None:
+        fds = [getattr(self, a, -1) for a in ("_lock_fd", "_chunks_fd", "_tmp_fd", "_root_fd")]
+        fds += getattr(self, "_retired", [])
+        self._lock_fd = self._chunks_fd = self._tmp_fd = self._root_fd = -1
+        self._retired = []
+        for fd in fds:
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _remember(self, key: bytes, data: bytes) -> None:
         # Caller holds self._lock.
@@ -478,23 +586,74 @@ class ChunkCache:
         if mem is not None and len(data) <= mem.maxsize:
             mem[key] = data
 
-    def _read_entry(self, key: bytes, size: int, *, verify: bool | None = None, touch: bool = True) -> bytes | None:
-        path = self._path(key)
+    def _sub(self, prefix: str) -> int | None:
+        """A handle on ``chunks/<prefix>`` for *at() calls, or None when it
+        does not exist, is not a real directory, or the cache is closed."""
         try:
-            try:
-                fd = os.open(path, _READ_FLAGS)
-            except PermissionError:
-                # O_NOATIME needs the file's owner (or CAP_FOWNER); an entry
-                # written by another user's daemon is read without it.
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            return os.open(prefix, _PATH_FLAGS, dir_fd=self._chunks_fd)
         except FileNotFoundError:
             return None
         except OSError as exc:
-            log.debug("chunk cache: cannot open %s: %s", path, exc)
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                self._warn_path(f"{self.root}/chunks/{prefix}", "is not a directory (a symbolic link?): ignored")
+            else:
+                log.debug("chunk cache %s: cannot open chunks/%s: %s", self.root, prefix, exc)
+            return None
+
+    def _make_sub(self, prefix: str) -> int:
+        """Like :meth:`_sub`, creating the directory (0700) when missing."""
+        chunks = self._chunks_fd
+        try:
+            return os.open(prefix, _PATH_FLAGS, dir_fd=chunks)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                self._warn_path(f"{self.root}/chunks/{prefix}", "is not a directory (a symbolic link?): not writing into it")
+            raise
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(prefix, _DIR_MODE, dir_fd=chunks)
+        return os.open(prefix, _PATH_FLAGS, dir_fd=chunks)
+
+    def _read_entry(self, key: bytes, size: int, *, verify: bool | None = None, touch: bool = True) -> bytes | None:
+        name = key.hex()
+        sub = self._sub(name[:2])
+        if sub is None:
             return None
         try:
+            return self._read_at(sub, name, key, size, verify, touch)
+        finally:
+            os.close(sub)
+
+    def _read_at(
+        self, sub: int, name: str, key: bytes, size: int, verify: bool | None, touch: bool
+    ) -> bytes | None:
+        try:
+            try:
+                fd = os.open(name, _READ_FLAGS | _NOATIME, dir_fd=sub)
+            except PermissionError:
+                # O_NOATIME needs the file's owner (or CAP_FOWNER): an entry
+                # root left in our directory is read without it.
+                fd = os.open(name, _READ_FLAGS, dir_fd=sub)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                log.debug("chunk cache: cannot open %s: %s", name, exc)
+                return None
+            # A symbolic link where an entry belongs: never followed, removed.
+            try:
+                link = os.stat(name, dir_fd=sub, follow_symlinks=False)
+            except OSError:
+                return None
+            self._discard(sub, name, link, "a symbolic link, not followed")
+            return None
+        st: os.stat_result | None
+        try:
             st = os.fstat(fd)
-            if st.st_size != HEADER_SIZE + size:
+            if not stat.S_ISREG(st.st_mode):
+                reason = "not a regular file"
+            elif st.st_size != HEADER_SIZE + size:
                 reason = f"size {st.st_size}, expected {HEADER_SIZE + size}"
             else:
                 head = os.pread(fd, HEADER_SIZE, 0)
@@ -516,55 +675,89 @@ class ChunkCache:
             st = None
         finally:
             os.close(fd)
-        self._discard(path, st, reason)
+        self._discard(sub, name, st, reason)
         return None
 
-    def _discard(self, path: str, st: os.stat_result | None, reason: str) -> None:
-        log.warning("chunk cache: damaged entry %s (%s): removed", os.path.basename(path), reason)
+    def _note_damage(self, name: str, reason: str) -> None:
+        log.warning("chunk cache: damaged entry %s (%s): removed", name, reason)
         with self._lock:
             self._damaged += 1
+
+    def _discard(self, sub: int, name: str, st: os.stat_result | None, reason: str) -> None:
+        self._note_damage(name, reason)
         try:
-            now = os.stat(path)
+            now = os.stat(name, dir_fd=sub, follow_symlinks=False)
         except OSError:
             return
         # Only remove what we judged: another process may have just renamed a
         # good entry over the damaged one.
         if st is None or (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev):
             with contextlib.suppress(OSError):
-                os.unlink(path)
-            with self._lock:
-                self._disk_bytes = max(self._disk_bytes - now.st_size, 0)
-                self._disk_entries = max(self._disk_entries - 1, 0)
+                os.unlink(name, dir_fd=sub)
+            if stat.S_ISREG(now.st_mode):  # scans count regular files only
+                with self._lock:
+                    self._disk_bytes = max(self._disk_bytes - now.st_size, 0)
+                    self._disk_entries = max(self._disk_entries - 1, 0)
 
-    def _write_entry(self, key: bytes, data: bytes, path: str) -> None:
-        header = _HEADER.pack(_MAGIC, _VERSION, len(data), _digest(key, data))
-        tmp = f"{self._tmp}/{key.hex()}.{os.getpid()}.{secrets.token_hex(4)}"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+    def _write_entry(self, key: bytes, data: bytes) -> None:
+        buffers = [_HEADER.pack(_MAGIC, _VERSION, len(data), _digest(key, data)), data]
+        name = key.hex()
         try:
-            fd = os.open(tmp, flags, 0o644)
+            self._write_at(name, buffers)
         except FileNotFoundError:
-            os.makedirs(self._tmp, exist_ok=True)  # the directory was wiped under us
-            fd = os.open(tmp, flags, 0o644)
+            # tmp/ or chunks/ was removed under us (an rm -rf of the cache):
+            # open them afresh, once.
+            self._reopen_dirs()
+            self._write_at(name, buffers)
+
+    def _write_at(self, name: str, buffers: list[bytes]) -> None:
+        tmp_dir = self._tmp_fd
+        tmp = f"{name}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, _WRITE_FLAGS, _FILE_MODE, dir_fd=tmp_dir)
         try:
             try:
-                _write_all(fd, [header, data])
+                _write_all(fd, buffers)
                 _touch(fd)
                 if self.fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
+            sub = self._make_sub(name[:2])
             try:
-                os.rename(tmp, path)
-            except FileNotFoundError:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                os.rename(tmp, path)
+                # renameat replaces whatever is at the name (a link included)
+                # without following it.
+                os.replace(tmp, name, src_dir_fd=tmp_dir, dst_dir_fd=sub)
+            finally:
+                os.close(sub)
         except BaseException:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=tmp_dir)
             raise
 
-    def _write_failed(self, exc: OSError) -> None:
-        code = exc.errno or 0
+    def _reopen_dirs(self) -> None:
+        chunks = _open_dir(self._root_fd, "chunks", f"{self.root}/chunks")
+        try:
+            tmp = _open_dir(self._root_fd, "tmp", f"{self.root}/tmp")
+        except BaseException:
+            os.close(chunks)
+            raise
+        with self._lock:
+            if self._root_fd < 0:  # closed meanwhile
+                os.close(chunks)
+                os.close(tmp)
+                return
+            self._retired += [self._chunks_fd, self._tmp_fd]
+            self._chunks_fd, self._tmp_fd = chunks, tmp
+
+    def _unlink_entry(self, s: _Scanned) -> None:
+        sub = os.open(s.sub, _PATH_FLAGS, dir_fd=self._chunks_fd)
+        try:
+            os.unlink(s.name, dir_fd=sub)
+        finally:
+            os.close(sub)
+
+    def _write_failed(self, exc: OSError | CacheError) -> None:
+        code = getattr(exc, "errno", None) or 0
         with self._lock:
             self._write_failures += 1
             first = code not in self._warned
@@ -575,17 +768,29 @@ class ChunkCache:
                 "chunk cache %s: cannot store chunks%s: %s; serving from memory, will keep trying",
                 self.root,
                 hint,
-                exc.strerror or exc,
+                getattr(exc, "strerror", None) or exc,
             )
         else:
             log.debug("chunk cache %s: write failed again: %s", self.root, exc)
+
+    def _warn_path(self, path: str, what: str) -> None:
+        with self._lock:
+            first = path not in self._warned_paths
+            self._warned_paths.add(path)
+        if first:
+            log.warning("chunk cache: %s %s", path, what)
 
     def _flush_touched(self) -> None:
         with self._lock:
             touched, self._touched = self._touched, set()
         for key in touched:
+            name = key.hex()
+            sub = self._sub(name[:2])
+            if sub is None:
+                continue
             with contextlib.suppress(OSError):
-                _touch(self._path(key))
+                _touch_at(sub, name)
+            os.close(sub)
 
     @contextlib.contextmanager
     def _flocked(self) -> Iterator[None]:
@@ -600,15 +805,28 @@ class ChunkCache:
 
     def _scan(self) -> list[_Scanned]:
         found: list[_Scanned] = []
+        chunks = self._chunks_fd
+        # A fresh open of the directory for each listing: descriptors shared
+        # with another thread's scandir would share its read position.
         try:
-            subdirs = list(os.scandir(self._chunks))
-        except FileNotFoundError:
+            top = os.open(".", _DIR_FLAGS, dir_fd=chunks)
+        except OSError:
             return found
-        for sub in subdirs:
-            if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
+        try:
+            with os.scandir(top) as it:
+                subs = [(e.name, e.is_symlink()) for e in it if len(e.name) == 2 and _is_hex_name(e.name)]
+        finally:
+            os.close(top)
+        for sub, is_link in subs:
+            if is_link:
+                self._warn_path(f"{self.root}/chunks/{sub}", "is a symbolic link: ignored, not followed")
                 continue
             try:
-                with os.scandir(sub.path) as it:
+                fd = os.open(sub, _DIR_FLAGS, dir_fd=chunks)
+            except OSError:
+                continue  # a plain file, or gone meanwhile
+            try:
+                with os.scandir(fd) as it:
                     for e in it:
                         if not _is_hex_name(e.name):
                             continue
@@ -617,39 +835,157 @@ class ChunkCache:
                         except FileNotFoundError:
                             continue
                         if stat.S_ISREG(st.st_mode):
-                            found.append(_Scanned(st.st_atime_ns, st.st_size, e.path, e.name))
+                            found.append(_Scanned(st.st_atime_ns, st.st_size, sub, e.name))
             except FileNotFoundError:
                 continue
+            finally:
+                os.close(fd)
         return found
 
     def _remove_stale_tmp(self, age: float) -> None:
         cutoff = time.time() - age
         try:
-            with os.scandir(self._tmp) as it:
+            fd = os.open(".", _DIR_FLAGS, dir_fd=self._tmp_fd)
+        except OSError:
+            return
+        try:
+            with os.scandir(fd) as it:
                 for e in it:
                     with contextlib.suppress(OSError):
                         if e.stat(follow_symlinks=False).st_mtime < cutoff:
-                            os.unlink(e.path)
-        except FileNotFoundError:
-            pass
+                            os.unlink(e.name, dir_fd=fd)  # a link goes, its target stays
+        finally:
+            os.close(fd)
 
 
-def _open_lock(path: str) -> int:
+def _refusal(path: str, exc: OSError) -> CacheError:
+    """Turn a failed open of a cache directory into one clear sentence."""
+    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+        try:
+            is_link = stat.S_ISLNK(os.lstat(path).st_mode)
+        except OSError:
+            is_link = False
+        if is_link:
+            why = "is a symbolic link; refusing to follow it (give the real directory)"
+        else:
+            why = "is not a directory"
+    else:
+        why = f"cannot be opened: {exc.strerror or exc}"
+    return CacheError(f"cache directory {path} {why}")
+
+
+def _open_root(root: str) -> int:
     try:
-        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return os.open(root, _DIR_FLAGS)
+    except FileNotFoundError:
+        pass
     except OSError as exc:
-        # A read-only cache (a pre-seeded image, a full remount) still serves
-        # hits; flock works on a read-only descriptor on local filesystems.
-        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        raise _refusal(root, exc) from exc
+    try:
+        # Intermediate directories get the usual mode; the cache itself 0700.
+        os.makedirs(root, mode=_DIR_MODE, exist_ok=True)
+    except OSError as exc:
+        raise CacheError(f"cache directory {root} cannot be created: {exc.strerror or exc}") from exc
+    try:
+        return os.open(root, _DIR_FLAGS)
+    except OSError as exc:
+        raise _refusal(root, exc) from exc
 
 
-def _touch(target: str | int) -> None:
+def _open_dir(parent: int, name: str, display: str) -> int:
+    """Open (creating 0700 if missing) directory ``name`` under ``parent``,
+    never through a link, and check it is ours alone."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        try:
+            os.mkdir(name, _DIR_MODE, dir_fd=parent)
+        except FileExistsError:
+            pass  # another process made it meanwhile
+        except OSError as exc:
+            raise CacheError(f"cache directory {display} cannot be created: {exc.strerror or exc}") from exc
+        try:
+            fd = os.open(name, _DIR_FLAGS, dir_fd=parent)
+        except OSError as exc:
+            raise _refusal(display, exc) from exc
+    except OSError as exc:
+        raise _refusal(display, exc) from exc
+    try:
+        _check_trusted(fd, display, tighten=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_trusted(fd: int, display: str, *, tighten: bool) -> None:
+    """Refuse a directory someone else could write; make ours private."""
+    st = os.fstat(fd)
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        raise CacheError(
+            f"cache directory {display} is owned by uid {st.st_uid}, not by this user (uid {euid}); "
+            "refusing to trust entries someone else could have written"
+        )
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        who = {0o020: "its group", 0o002: "others", 0o022: "its group and others"}[mode & 0o022]
+        raise CacheError(
+            f"cache directory {display} is writable by {who} (mode {mode:04o}), who could plant entries; "
+            "refusing it (check its contents, then chmod 0700 it, or use another directory)"
+        )
+    if mode & 0o077 and tighten:
+        try:
+            os.fchmod(fd, _DIR_MODE)
+        except OSError as exc:
+            log.warning(
+                "chunk cache: %s has mode %04o (other users can read cached chunks) and cannot be tightened: %s",
+                display,
+                mode,
+                exc.strerror or exc,
+            )
+        else:
+            log.warning(
+                "chunk cache: tightened %s from mode %04o to 0700 so other users cannot read cached chunks",
+                display,
+                mode,
+            )
+
+
+def _open_lock(root: int, display: str) -> int:
+    # O_NONBLOCK: a FIFO or device in its place must not hang the open
+    # (flock's blocking is its own, unaffected).
+    base = os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        try:
+            fd = os.open("lock", os.O_RDWR | os.O_CREAT | base, _FILE_MODE, dir_fd=root)
+        except OSError as exc:
+            # A read-only cache (a pre-seeded image, a full remount) still
+            # serves hits; flock works on a read-only descriptor on local
+            # filesystems.
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            fd = os.open("lock", os.O_RDONLY | base, dir_fd=root)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CacheError(f"cache lock file {display} is a symbolic link; refusing to follow it") from exc
+        raise CacheError(f"cache lock file {display} cannot be opened: {exc.strerror or exc}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CacheError(f"cache lock file {display} is not a regular file")
+    return fd
+
+
+def _touch(target: int) -> None:
     # An explicit clock reading: utime(NULL) would take the kernel's coarse
     # (jiffy) clock, and entries used milliseconds apart would tie.
     now = time.time_ns()
     os.utime(target, ns=(now, now))
+
+
+def _touch_at(sub: int, name: str) -> None:
+    now = time.time_ns()
+    os.utime(name, dir_fd=sub, follow_symlinks=False, ns=(now, now))
 
 
 def _check_key(key: bytes) -> None:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from lazyfs.errors import MountError
 
 __all__ = [
+    "LOWER_FLAGS",
+    "ROOTFS_FLAGS",
     "KernelMount",
     "abort_fuse",
     "detach_loop",
@@ -27,13 +29,24 @@ __all__ = [
     "mount_erofs",
     "mount_overlay",
     "mounts",
+    "real_path",
     "umount",
 ]
 
 MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
 MS_BIND = 4096
 MS_REMOUNT = 32
 MNT_DETACH = 2
+
+# Per-layer EROFS mounts are only overlay lowers: nothing on them is meant to
+# be run, opened as a device or honoured as setuid from there. (Overlayfs
+# checks exec against its own mount, so a noexec lower still runs in the rootfs.)
+LOWER_FLAGS = MS_NOSUID | MS_NODEV | MS_NOEXEC
+# The rootfs: an untrusted image must not hand out setuid root or device nodes.
+ROOTFS_FLAGS = MS_NOSUID | MS_NODEV
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 
@@ -55,8 +68,11 @@ class KernelMount:
     loop: str | None = None
 
 
-def mount_erofs(image: str, target: str, *, allow_loop: bool = True, force_loop: bool = False) -> KernelMount:
-    """Mount the EROFS image file read-only at ``target``.
+def mount_erofs(
+    image: str, target: str, *, allow_loop: bool = True, force_loop: bool = False, flags: int = LOWER_FLAGS
+) -> KernelMount:
+    """Mount the EROFS image file read-only at ``target``, with ``flags``
+    (default: nosuid, nodev, noexec) on top of read-only.
 
     Tries a file-backed mount first (Linux 6.12+ reads the file directly);
     falls back to a read-only loop device where the kernel wants a block
@@ -65,7 +81,7 @@ def mount_erofs(image: str, target: str, *, allow_loop: bool = True, force_loop:
     os.makedirs(target, exist_ok=True)
     if not force_loop:
         try:
-            _mount(image, target, "erofs", MS_RDONLY)
+            _mount(image, target, "erofs", MS_RDONLY | flags)
             return KernelMount(target, "erofs", image)
         except OSError as exc:
             if not allow_loop or exc.errno not in (errno.ENOTBLK, errno.EINVAL, errno.ENODEV):
@@ -77,15 +93,16 @@ def mount_erofs(image: str, target: str, *, allow_loop: bool = True, force_loop:
         raise MountError(f"losetup {image}: {loop.stderr.strip()}")
     dev = loop.stdout.strip()
     try:
-        _mount(dev, target, "erofs", MS_RDONLY)
+        _mount(dev, target, "erofs", MS_RDONLY | flags)
     except OSError as exc:
         detach_loop(dev)
         raise MountError(f"cannot mount {image} (via {dev}) as EROFS: {exc.strerror}") from exc
     return KernelMount(target, "erofs", image, dev)
 
 
-def mount_overlay(lowers_top_first: list[str], target: str) -> KernelMount:
-    """Stack read-only layers at ``target`` (first = top). One layer is bind-mounted."""
+def mount_overlay(lowers_top_first: list[str], target: str, *, flags: int = ROOTFS_FLAGS) -> KernelMount:
+    """Stack read-only layers at ``target`` (first = top), with ``flags``
+    (default: nosuid, nodev) on top of read-only. One layer is bind-mounted."""
     os.makedirs(target, exist_ok=True)
     if not lowers_top_first:
         raise MountError("no layers to stack")
@@ -94,11 +111,17 @@ def mount_overlay(lowers_top_first: list[str], target: str) -> KernelMount:
             raise MountError(f"overlay lower dir {d!r} contains ':' or ','")
     try:
         if len(lowers_top_first) == 1:
+            # A bind copies the source's flags (noexec on a lower); the
+            # remount sets exactly ours, which is the only way to apply them.
             _mount(lowers_top_first[0], target, "", MS_BIND)
-            _mount("", target, "", MS_BIND | MS_REMOUNT | MS_RDONLY)
+            try:
+                _mount("", target, "", MS_BIND | MS_REMOUNT | MS_RDONLY | flags)
+            except OSError:
+                umount(target, lazy_after=0)
+                raise
             return KernelMount(target, "bind", lowers_top_first[0])
         data = "lowerdir=" + ":".join(lowers_top_first)
-        _mount("overlay", target, "overlay", MS_RDONLY, data)
+        _mount("overlay", target, "overlay", MS_RDONLY | flags, data)
     except OSError as exc:
         raise MountError(f"cannot stack overlay at {target}: {exc.strerror}") from exc
     return KernelMount(target, "overlay", "overlay")
@@ -144,6 +167,22 @@ def mounts() -> list[tuple[str, str, str]]:
     return out
 
 
+def real_path(path: str) -> str:
+    """``os.path.realpath(path)`` without ever stat-ing a mount point.
+
+    A FUSE mount point is answered by its daemon: by this very process before
+    it serves, by nobody when the daemon is stopped. realpath's lstat of the
+    last component would then hang, so when the parent's real path plus the
+    name is already a mount point (a directory, never a symlink), that is
+    the answer.
+    """
+    parent, name = os.path.split(os.path.abspath(path))
+    candidate = os.path.join(os.path.realpath(parent), name) if name else parent
+    if any(point == candidate for point, _fstype, _source in mounts()):
+        return candidate
+    return os.path.realpath(candidate)
+
+
 def device_of(target: str) -> str | None:
     """``major:minor`` of the topmost mount at ``target``, from mountinfo.
 
@@ -163,7 +202,7 @@ def abort_fuse(target: str) -> bool:
     """Abort the FUSE connection behind ``target`` (its daemon hangs or is
     gone): pending and future requests fail at once instead of blocking.
     Mounts fusectl if needed. True if a connection was aborted."""
-    device = device_of(os.path.realpath(target))
+    device = device_of(real_path(target))
     if device is None:
         return False
     conns = "/sys/fs/fuse/connections"
@@ -180,7 +219,7 @@ def abort_fuse(target: str) -> bool:
 
 def find_mount(target: str) -> tuple[str, str] | None:
     """(fstype, source) of the topmost mount at ``target``, or None."""
-    target = os.path.realpath(target)
+    target = real_path(target)
     found = None
     for point, fstype, source in mounts():
         if point == target:

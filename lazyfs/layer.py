@@ -3,8 +3,9 @@
 ``await layer.read(offset, size)`` returns exactly the bytes of the layer's
 virtual file, fetching, verifying and caching only the frames that cover the
 range. Everything that turns fetched bytes into servable bytes goes through
-:func:`lazyfs.seekable.decode_frame` (seekable layers) or
-:meth:`lazyfs.verity.HashTree.verify_blocks` (the dm-verity tail).
+:func:`lazyfs.seekable.decode_frame` (seekable layers),
+:meth:`lazyfs.verity.HashTree.verify_blocks` (the dm-verity tail) or the
+whole-blob digest check of :class:`PlainLayer` (plain layers).
 
 Concurrency: reads of the same cold frame share one flight. The first reader
 to miss becomes the leader, fetches a run of adjacent missing frames in one
@@ -12,30 +13,44 @@ range request, verifies and caches them, and hands the bytes to everyone
 waiting on them. Hashing, decompression and cache I/O run in worker threads
 (both zstd and hashlib release the GIL) under a capacity limiter, so the trio
 loop keeps serving other reads meanwhile.
+
+Memory a hostile blob controls is bounded per process (one trio run, one
+mount): decoded frames being decompressed and persisted at once stay under
+:data:`DEFAULT_DECODE_BUDGET` bytes (:class:`DecodeBudget`), and parsed chunk
+tables under :data:`MAX_MOUNT_TABLE_BYTES` (:func:`charge_table`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
-from dataclasses import dataclass, field, replace
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
 
 from lazyfs import seekable
-from lazyfs.errors import FetchError, IntegrityError, LazyErofsError
+from lazyfs.errors import FetchError, FormatError, IntegrityError, LazyErofsError
 
 __all__ = [
+    "DEFAULT_DECODE_BUDGET",
     "DEFAULT_MERGE_BYTES",
     "DEFAULT_READ_TIMEOUT",
+    "MAX_MOUNT_TABLE_BYTES",
     "BlobSource",
+    "DecodeBudget",
     "Demand",
     "LayerStats",
     "LinkEstimate",
     "PlainLayer",
     "SeekableLayer",
+    "charge_table",
+    "decode_budget",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,6 +64,14 @@ DEFAULT_MERGE_BYTES = 8 << 20
 PREFETCH_BATCH_BYTES = 1 << 20
 # With --fetch-ahead auto, never more than this per miss.
 AUTO_FETCH_AHEAD_CAP = 4 << 20
+# Decoded bytes being decompressed or persisted at once, all layers of a
+# mount together: 16 frames of the 4 MiB default, 2 of the 32 MiB maximum.
+DEFAULT_DECODE_BUDGET = 64 << 20
+# Parsed chunk tables of one mount together (each is also capped at
+# seekable.MAX_TABLE_SIZE): a manifest of many huge tables is refused.
+MAX_MOUNT_TABLE_BYTES = 128 << 20
+# A plain layer's blob is fetched (and hashed) this many bytes per request.
+PLAIN_PIECE_BYTES = 8 << 20
 
 
 class BlobSource(Protocol):
@@ -138,6 +161,65 @@ class LinkEstimate:
         return int(self.rtt * self.bandwidth)
 
 
+class DecodeBudget:
+    """A byte budget for decoded frames in flight.
+
+    A frame is decompressed whole into memory, so the number of frames being
+    decoded at once, times their size, is what a hostile table's chunk size
+    turns into RSS. Each decode holds ``raw_length`` bytes of this budget
+    until its frame is handed to readers and persisted; a frame larger than
+    the whole budget takes all of it (it still runs, alone).
+    """
+
+    def __init__(self, limit: int = DEFAULT_DECODE_BUDGET) -> None:
+        if limit <= 0:
+            raise ValueError(f"decode budget must be positive, got {limit}")
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+        self._lot = trio.lowlevel.ParkingLot()
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        n = min(max(nbytes, 1), self.limit)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while self.used + n > self.limit:
+            await self._lot.park()
+        self.used += n
+        self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            self.used -= n
+            self._lot.unpark_all()
+
+
+_DECODE_BUDGET: trio.lowlevel.RunVar[DecodeBudget] = trio.lowlevel.RunVar("lazyerofs_decode_budget")
+_TABLE_BYTES: trio.lowlevel.RunVar[int] = trio.lowlevel.RunVar("lazyerofs_table_bytes", default=0)
+
+
+def decode_budget() -> DecodeBudget:
+    """The decode budget shared by every layer in this trio run (one mount)."""
+    try:
+        return _DECODE_BUDGET.get()
+    except LookupError:
+        budget = DecodeBudget()
+        _DECODE_BUDGET.set(budget)
+        return budget
+
+
+def charge_table(name: str, table: seekable.ChunkTable, *, limit: int = MAX_MOUNT_TABLE_BYTES) -> None:
+    """Count ``table``'s memory against this trio run's (one mount's) budget
+    for chunk tables, or raise FormatError naming the layer."""
+    total = _TABLE_BYTES.get() + table.nbytes
+    if total > limit:
+        raise FormatError(
+            f"{name}: chunk table of {table.frame_count} frames ({table.nbytes} bytes) would bring this "
+            f"mount's chunk tables to {total} bytes, over the limit of {limit}"
+        )
+    _TABLE_BYTES.set(total)
+
+
 class _Flight:
     """One in-progress fetch of a frame; waiters block on ``done``."""
 
@@ -151,7 +233,14 @@ class _Flight:
 
 class SeekableLayer:
     """A seekable EROFS layer: the raw image, optionally followed by its
-    materialized dm-verity tail (zero pad + verity payload)."""
+    materialized dm-verity tail (zero pad + verity payload).
+
+    Whether frames are checked is decided here, per layer, from the table
+    alone: a table with SHA-512 entries gets every frame hashed, whatever the
+    caller asked for. ``verified`` (the whole chain holds: a ``chunk_digest``
+    vouched for the table and the table has checksums) is derived too; the
+    argument can only ask for less trust, never more.
+    """
 
     def __init__(
         self,
@@ -169,6 +258,7 @@ class SeekableLayer:
         demand: Demand | None = None,
         fetch_ahead: int = 0,
         link: LinkEstimate | None = None,
+        budget: DecodeBudget | None = None,
     ) -> None:
         self.name = name
         self.desc = desc
@@ -178,27 +268,31 @@ class SeekableLayer:
         self.limiter = limiter
         self.read_timeout = read_timeout
         self.merge_bytes = merge_bytes
-        self.verified = verified
+        chain = desc.chunk_digest is not None and table.hash_algo == seekable.HASH_SHA512
+        if verified and not chain:
+            raise IntegrityError(f"{name}: the chain of trust cannot be established for this layer")
+        self.verified = chain
         self.verity = verity  # lazyfs.verity_tail.VerityTail or None
         self.demand = demand or Demand()
         # fetch_ahead < 0 means "auto": one bandwidth-delay product, capped.
         self.fetch_ahead = fetch_ahead
         self.link = link or LinkEstimate()
+        self._budget = budget
         self.stats = LayerStats()
         self._flights: dict[int, _Flight] = {}
         self._nursery: trio.Nursery | None = None
         # Frames known to be in the cache: a shortcut for the miss decision
         # only; the cache stays the source of truth.
         self._present: set[int] = set()
-        if not verified:
-            # Without checksums, key frames by blob digest and index so an
-            # unverified frame can never be served in place of a verified one.
-            salt = hashlib.sha512(b"lazyerofs-unverified\0" + desc.digest.encode()).digest()
-            self._keys = [hashlib.sha512(salt + i.to_bytes(8, "little")).digest() for i in range(table.frame_count)]
-            self._decode_table = replace(table, hash_algo=seekable.HASH_NONE)
-        else:
-            self._keys = list(table.checksums)
-            self._decode_table = table
+        # Unverified layers key frames by blob digest and index, so their
+        # frames never meet a verified layer's in the cache. Keys are made on
+        # demand: a list of a million 64-byte keys would cost ~100 MB.
+        self._salt = hashlib.sha512(b"lazyerofs-unverified\0" + desc.digest.encode()).digest()
+
+    def _key(self, i: int) -> bytes:
+        if self.verified:
+            return self.table.checksums[i]
+        return hashlib.sha512(self._salt + i.to_bytes(8, "little")).digest()
 
     # -- sizes -------------------------------------------------------------------
 
@@ -256,7 +350,7 @@ class SeekableLayer:
         count = self.table.frame_count
         while i < count:
             if i in self._present or await trio.to_thread.run_sync(
-                self.cache.contains, self._keys[i], self.table.raw_length(i), limiter=self.limiter
+                self.cache.contains, self._key(i), self.table.raw_length(i), limiter=self.limiter
             ):
                 self._present.add(i)
                 i += 1
@@ -342,9 +436,9 @@ class SeekableLayer:
             i += 1
         if not candidates:
             return []
-        keys, table, cache = self._keys, self.table, self.cache
+        key, table, cache = self._key, self.table, self.cache
         cached = await trio.to_thread.run_sync(
-            lambda: {k for k in candidates if cache.contains(keys[k], table.raw_length(k))}, limiter=self.limiter
+            lambda: {k for k in candidates if cache.contains(key(k), table.raw_length(k))}, limiter=self.limiter
         )
         claimed = []
         for k in candidates:
@@ -357,7 +451,7 @@ class SeekableLayer:
         return claimed
 
     async def _cache_get(self, i: int) -> bytes | None:
-        key, size = self._keys[i], self.table.raw_length(i)
+        key, size = self._key(i), self.table.raw_length(i)
         # Hot frames are in the memory LRU: no thread hop for those.
         data = self.cache.get_nowait(key, size)
         if data is not None:
@@ -434,7 +528,14 @@ class SeekableLayer:
 
     async def _settle(self, i: int, flight: _Flight, compressed: bytes) -> None:
         """Verify and decompress frame ``i``, hand it to its readers, then
-        persist it. The one place fetched bytes become servable."""
+        persist it. The one place fetched bytes become servable. The frame's
+        decoded size is held against the decode budget from decompression
+        until it is persisted."""
+        budget = self._budget or decode_budget()
+        async with budget.hold(self.table.raw_length(i)):
+            await self._settle_held(i, flight, compressed)
+
+    async def _settle_held(self, i: int, flight: _Flight, compressed: bytes) -> None:
         try:
             try:
                 raw = await self._decode(i, compressed)
@@ -461,7 +562,7 @@ class SeekableLayer:
         try:
             # Readers are already served from the flight; they keep finding it
             # until the cache holds the frame.
-            await trio.to_thread.run_sync(self.cache.put, self._keys[i], raw, limiter=self.limiter)
+            await trio.to_thread.run_sync(self.cache.put, self._key(i), raw, limiter=self.limiter)
         finally:
             if self._flights.get(i) is flight:
                 del self._flights[i]
@@ -476,7 +577,7 @@ class SeekableLayer:
 
     async def _decode(self, i: int, compressed: bytes) -> bytes:
         raw = await trio.to_thread.run_sync(
-            functools.partial(seekable.decode_frame, self._decode_table, i, compressed, name=self.name),
+            functools.partial(seekable.decode_frame, self.table, i, compressed, name=self.name),
             limiter=self.limiter,
         )
         self.stats.frames_fetched += 1
@@ -485,14 +586,34 @@ class SeekableLayer:
 
 
 class PlainLayer:
-    """A plain (uncompressed) EROFS layer: direct range reads of the blob.
+    """A plain (uncompressed) EROFS layer, served only once its whole blob
+    has matched the descriptor's digest.
 
-    There is no per-range checksum in this media type, so these bytes are
-    served unverified; the daemon says so when it mounts one.
+    This media type has no per-range checksum: the one thing that vouches
+    for its bytes is the blob digest in the manifest, and a digest can only
+    be checked over the whole blob. So the first read starts one fetch of
+    the whole blob, in :data:`PLAIN_PIECE_BYTES` requests hashed as they
+    arrive and written to an unlinked 0600 spool file (in ``spool_dir``, the
+    cache directory, so a large layer lands on disk rather than in RAM);
+    every read waits until the digest has matched and is then served from
+    the spool. A mismatch fails every read of the layer (EIO) for the life of
+    the mount, without refetching.
+
+    Why this and not the alternatives: refusing plain layers would make a
+    valid image unusable; serving range reads unverified breaks the promise
+    that no unverified byte reaches a reader; keeping verified pieces in the
+    chunk cache would let one evicted piece force a whole-blob refetch with
+    a different lifetime than its siblings. The price is one whole-blob
+    download before the first byte, and that much temporary disk.
+
+    Progress survives a failed or timed-out attempt (only whole pieces are
+    kept), so a later read resumes rather than restarts. With a background
+    nursery (:meth:`start`) the fetch outlives the reader that started it;
+    without one, it runs in the reader's task, bounded by its timeout.
     """
 
-    verified = False
     verity = None
+    verified = True  # nothing is served before the digest matched
 
     def __init__(
         self,
@@ -501,12 +622,25 @@ class PlainLayer:
         source: BlobSource,
         *,
         read_timeout: float = DEFAULT_READ_TIMEOUT,
+        spool_dir: str | os.PathLike[str] | None = None,
+        piece_bytes: int = PLAIN_PIECE_BYTES,
     ) -> None:
         self.name = name
         self.desc = desc
         self.source = source
         self.read_timeout = read_timeout
+        self.spool_dir = os.fspath(spool_dir) if spool_dir is not None else None
+        self.piece_bytes = piece_bytes
         self.stats = LayerStats()
+        algo = desc.digest.split(":", 1)[0]
+        self._hash = hashlib.new(algo)
+        self._done = 0  # blob bytes fetched, hashed and spooled so far
+        self._spool: Any = None  # an unlinked temporary file
+        self._ready = trio.Event()  # set once the digest matched
+        self._failed: IntegrityError | None = None  # sticky: the blob is bad
+        self._attempt: trio.Event | None = None  # set when the running attempt ends
+        self._last_error: LazyErofsError | None = None
+        self._nursery: trio.Nursery | None = None
 
     @property
     def size(self) -> int:
@@ -518,19 +652,118 @@ class PlainLayer:
     def frames_present(self) -> int:
         return 0
 
+    def start(self, nursery: trio.Nursery) -> None:
+        """Run the whole-blob fetch in ``nursery`` from now on."""
+        self._nursery = nursery
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+
     async def read(self, offset: int, size: int) -> bytes:
         end = min(offset + size, self.size)
         if offset >= end:
             return b""
         try:
             with trio.fail_after(self.read_timeout):
-                self.stats.requests += 1
-                data = await self.source.read(offset, end - offset)
+                await self._verified()
+                spool = self._spool
+                assert spool is not None
+                data = await trio.to_thread.run_sync(os.pread, spool.fileno(), end - offset, offset)
         except trio.TooSlowError as exc:
             self.stats.read_errors += 1
-            raise FetchError(f"{self.name}: read at {offset} timed out after {self.read_timeout:g}s") from exc
+            raise FetchError(
+                f"{self.name}: plain layer not verified within {self.read_timeout:g}s "
+                f"({self._done} of {self.size} blob bytes fetched and hashed so far; "
+                "no byte is served before the whole blob matches its digest)"
+            ) from exc
         except LazyErofsError:
             self.stats.read_errors += 1
             raise
-        self.stats.bytes_fetched += len(data)
+        if len(data) != end - offset:
+            self.stats.read_errors += 1
+            raise FetchError(f"{self.name}: short read of the verified spool at {offset}")
         return data
+
+    async def _verified(self) -> None:
+        """Return once the whole blob matched its digest; raise if it did not."""
+        while not self._ready.is_set():
+            if self._failed is not None:
+                raise self._failed
+            if self._attempt is None:
+                self._attempt = trio.Event()
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._fetch_all)
+                else:
+                    await self._fetch_all()  # ends the attempt, even on error
+            if self._attempt is not None:
+                await self._attempt.wait()
+            # An attempt abandoned by its reader leaves no error: try again.
+            if not self._ready.is_set() and self._failed is None and self._last_error is not None:
+                raise self._last_error
+
+    async def _fetch_all(self) -> None:
+        """One attempt at the rest of the blob; always ends the attempt."""
+        attempt = self._attempt
+        assert attempt is not None
+        self._last_error = None
+        try:
+            await self._fetch_rest()
+        except IntegrityError as exc:
+            self._failed = exc
+            self.stats.verify_failures += 1
+            log.error("%s", exc)
+            self.close()
+        except LazyErofsError as exc:
+            self._last_error = exc
+            log.warning("%s", exc)
+        except trio.Cancelled:
+            log.info("%s: fetch of the plain blob paused at byte %d", self.name, self._done)
+            raise
+        except OSError as exc:
+            self._last_error = FetchError(f"{self.name}: cannot spool the plain blob: {exc}")
+            log.warning("%s", self._last_error)
+        finally:
+            self._attempt = None
+            attempt.set()
+
+    async def _fetch_rest(self) -> None:
+        if self._spool is None:
+            self._spool = await trio.to_thread.run_sync(self._open_spool)
+        while self._done < self.size:
+            length = min(self.piece_bytes, self.size - self._done)
+            try:
+                with trio.fail_after(self.read_timeout):
+                    self.stats.requests += 1
+                    piece = await self.source.read(self._done, length)
+            except trio.TooSlowError as exc:
+                raise FetchError(
+                    f"{self.name}: {length} bytes at {self._done} of the plain blob not fetched "
+                    f"within {self.read_timeout:g}s"
+                ) from exc
+            self.stats.bytes_fetched += len(piece)
+            if len(piece) != length:
+                raise FetchError(f"{self.name}: got {len(piece)} of {length} bytes at {self._done}")
+            await trio.to_thread.run_sync(self._absorb, piece)
+        actual = f"{self._hash.name}:{self._hash.hexdigest()}"
+        if actual != self.desc.digest:
+            raise IntegrityError(
+                f"{self.name}: plain blob digest {actual[:23]}... does not match the descriptor's "
+                f"{self.desc.digest[:23]}...; nothing of this layer is served"
+            )
+        self._ready.set()
+        log.info("%s: plain blob of %d bytes matched its digest", self.name, self.size)
+
+    def _open_spool(self) -> Any:
+        # TemporaryFile: O_TMPFILE where it can (no name ever), else created
+        # 0600 and unlinked at once.
+        return tempfile.TemporaryFile(dir=self.spool_dir, prefix=".lazyerofs-plain-")
+
+    def _absorb(self, piece: bytes) -> None:
+        """Spool and hash one piece; progress moves only once both are done."""
+        written = os.pwrite(self._spool.fileno(), piece, self._done)
+        if written != len(piece):
+            raise OSError(f"short write to the spool ({written} of {len(piece)} bytes)")
+        self._hash.update(piece)
+        self._done += len(piece)

@@ -30,7 +30,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -70,22 +70,46 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-class _RedactQueries(logging.Filter):
-    """httpx logs every request URL at INFO; pre-signed storage URLs carry
-    signatures in their query, so strip queries from what it logs."""
+# The HTTP stack's own loggers see every header: at DEBUG, hpack/h2 log the
+# header block (the bearer token included) and httpcore the raw traffic. They
+# stay at WARNING whatever the root level is, unless this variable is "1".
+DEBUG_HTTP_ENV = "LAZYEROFS_DEBUG_HTTP"
+_LIBRARY_LOGGERS = ("hpack", "h2", "h11", "httpcore", "httpx", "anyio", "trio")
+
+
+def quiet_library_loggers() -> None:
+    """Hold the HTTP libraries' loggers at WARNING (unless ``$LAZYEROFS_DEBUG_HTTP=1``)."""
+    if os.environ.get(DEBUG_HTTP_ENV) == "1":
+        return
+    for name in _LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+_URL_IN_TEXT_RE = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?:[^/\s@?#]*@)?(?P<rest>[^\s?#'\"]*)(?:[?#][^\s'\"]*)?"
+)
+
+
+def _redact_urls(text: str) -> str:
+    """``text`` with userinfo, query and fragment cut out of every URL in it."""
+    return _URL_IN_TEXT_RE.sub(lambda m: m.group("scheme") + m.group("rest"), text)
+
+
+class _RedactURLs(logging.Filter):
+    """httpx logs every request URL at INFO (when let through, see
+    ``DEBUG_HTTP_ENV``); pre-signed storage URLs carry signatures in their
+    query and URLs may carry userinfo: strip both from what it logs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple) and any(
-            isinstance(a, httpx.URL) and a.query for a in record.args
-        ):
+        if isinstance(record.args, tuple):
             record.args = tuple(
-                a.copy_with(query=None) if isinstance(a, httpx.URL) and a.query else a
-                for a in record.args
+                _safe_url(a) if isinstance(a, httpx.URL) else a for a in record.args
             )
         return True
 
 
-logging.getLogger("httpx").addFilter(_RedactQueries())
+logging.getLogger("httpx").addFilter(_RedactURLs())
+quiet_library_loggers()
 
 MEDIA_OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 MEDIA_OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -106,6 +130,12 @@ MAX_REDIRECTS = 5
 REDIRECT_TTL = 60.0
 DEFAULT_RETRIES = 4
 DEFAULT_TIMEOUT = 30.0
+# Deadline of a whole network stage (resolving a manifest and its config, one
+# token fetch, a size probe): a per-request timeout alone lets a server that
+# trickles a byte now and then hold a mount forever.
+DEFAULT_OVERALL_TIMEOUT = 60.0
+# A token answer is a small JSON object; a server sending more is hostile.
+MAX_TOKEN_RESPONSE = 1 << 20
 BACKOFF_BASE = 0.1
 BACKOFF_MAX = 5.0
 # Monolithic PUT up to this size; beyond it, PATCH chunks of UPLOAD_CHUNK.
@@ -159,6 +189,7 @@ class RegistryOptions:
     retries: int = DEFAULT_RETRIES
     timeout: float = DEFAULT_TIMEOUT
     platform: str | None = None  # None: default_platform()
+    overall_timeout: float = DEFAULT_OVERALL_TIMEOUT  # deadline of each network stage
 
 
 @dataclass(frozen=True)
@@ -197,6 +228,9 @@ class ResolvedImage:
     layers: list[dict[str, Any]] = field(repr=False)
     config: dict[str, Any] | None = field(default=None, repr=False)
     index_digest: str | None = None
+    # False when only a tag was given and the registry sent no
+    # Docker-Content-Digest: then nothing vouches for the manifest's bytes.
+    digest_verified: bool = True
 
 
 class _Transient(Exception):
@@ -208,13 +242,31 @@ class _Transient(Exception):
 
 
 def _safe_url(url: httpx.URL | str) -> str:
-    """A URL fit for messages: pre-signed storage URLs carry secrets in the query."""
-    u = httpx.URL(str(url))
-    return str(u.copy_with(query=None, fragment=None, username=None, password=None))
+    """A URL fit for messages and logs: no userinfo, no query (pre-signed
+    storage URLs carry their signature there), no fragment. Works on text
+    that does not parse as a URL too."""
+    try:
+        u = httpx.URL(str(url))
+        return str(u.copy_with(query=None, fragment=None, username=None, password=None))
+    except (httpx.InvalidURL, TypeError, ValueError):
+        text = _redact_urls(str(url))
+        # No scheme: still cut anything that looks like userinfo or a query.
+        text = re.sub(r"^[^/@]*@", "", text)
+        return text.split("?", 1)[0].split("#", 1)[0]
+
+
+_HTTP_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: httpx.URL | str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) with the default port filled in: credentials go to one origin only."""
+    u = url if isinstance(url, httpx.URL) else httpx.URL(url)
+    scheme = u.scheme.lower()
+    return scheme, u.host.lower(), u.port or _HTTP_PORTS.get(scheme)
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = _redact_urls(str(exc).strip())
     name = type(exc).__name__
     return f"{name}: {text}" if text and not isinstance(exc, _Transient) else (text or name)
 
@@ -235,8 +287,29 @@ def _retry_after(resp: httpx.Response) -> float | None:
     return float(value) if value.isdigit() else None
 
 
+# Terminal escape sequences (CSI ... final byte, OSC ... BEL/ST, two-byte ESC x).
+_ESCAPE_RE = re.compile(
+    r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-_])|\x9b[0-?]*[ -/]*[@-~]"
+)
+MAX_SERVER_TEXT = 300
+
+
+def _printable(text: str, limit: int = MAX_SERVER_TEXT) -> str:
+    """Server-chosen text made safe for a terminal: escape sequences and other
+    control characters dropped, whitespace runs folded, length capped."""
+    text = _ESCAPE_RE.sub("", text)
+    text = "".join(c if c.isprintable() else " " for c in text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 async def _error_summary(resp: httpx.Response) -> str:
-    """The registry's error codes/messages (distribution JSON), bounded."""
+    """The registry's error codes/messages (distribution JSON), bounded and
+    sanitized: it is the server's text, printed on the user's terminal."""
+    return _printable(await _raw_error_summary(resp))
+
+
+async def _raw_error_summary(resp: httpx.Response) -> str:
     body = b""
     with contextlib.suppress(httpx.HTTPError):
         async for piece in resp.aiter_bytes():
@@ -261,7 +334,9 @@ async def _raise_for_status(resp: httpx.Response, what: str) -> None:
     """Turn a non-success status into the right error (5xx/429 are transient)."""
     code = resp.status_code
     if code == 429 or 500 <= code < 600:
-        raise _Transient(f"{what}: HTTP {code} {resp.reason_phrase}", _retry_after(resp))
+        raise _Transient(
+            f"{what}: HTTP {code} {_printable(resp.reason_phrase)}", _retry_after(resp)
+        )
     summary = await _error_summary(resp)
     if code == 404:
         raise NotFoundError(f"{what}: not found (HTTP 404{': ' + summary if summary else ''})")
@@ -301,6 +376,9 @@ class RegistryClient:
     ) -> None:
         if options.retries < 0:
             raise ValueError("retries must be >= 0")
+        if not options.overall_timeout > 0:
+            raise ValueError("overall_timeout must be > 0")
+        quiet_library_loggers()  # again: logging may have been reconfigured since import
         self.options = options
         self._platform = _parse_platform(options.platform or default_platform())
         self._http = httpx.AsyncClient(
@@ -344,6 +422,18 @@ class RegistryClient:
             plain = is_loopback_host(host)
         return f"{'http' if plain else 'https'}://{host}"
 
+    @contextlib.contextmanager
+    def _deadline(self, stage: str) -> Iterator[None]:
+        """Bound a whole network stage, retries and trickling servers included."""
+        limit = self.options.overall_timeout
+        try:
+            with anyio.fail_after(limit):
+                yield
+        except TimeoutError:
+            raise FetchError(
+                f"{stage}: not done within {limit:g} s (overall deadline, --overall-timeout)"
+            ) from None
+
     def _credentials(self, host: str) -> Credentials | None:
         if host not in self._creds:
             if self.options.username is not None:
@@ -373,6 +463,7 @@ class RegistryClient:
             raise AuthError(f"{host}: token realm is not a URL") from exc
         if realm_url.scheme not in ("http", "https"):
             raise AuthError(f"{host}: token realm {_safe_url(realm_url)} is not http(s)")
+        where = f"{host}: token server {_safe_url(realm_url)}"
         params = {}
         if service:
             params["service"] = service
@@ -381,21 +472,26 @@ class RegistryClient:
         headers = {}
         creds = self._credentials(host)
         if creds is not None:
+            if (
+                realm_url.scheme == "http"
+                and self.base_url(host).startswith("https:")
+                and self.options.plain_http is not True
+                and not is_loopback_host(realm_url.netloc.decode())
+            ):
+                # The registry is reached over TLS: do not hand its password
+                # to a plain-HTTP realm it names (loopback never leaves the host).
+                raise AuthError(
+                    f"{where} is plain HTTP while the registry uses HTTPS; "
+                    "refusing to send credentials there (--plain-http allows it)"
+                )
             headers["Authorization"] = creds.basic_header()
         self._counters.requests += 1
-        resp = await self._http.get(realm_url, params=params, headers=headers)
-        where = f"{host}: token server {_safe_url(realm_url)}"
-        if resp.status_code in (401, 403):
-            who = f"the credentials of user {creds.username!r}" if creds else "anonymous access"
-            raise AuthError(
-                f"{where} refused {who} for scope {scope or '(none)'} (HTTP {resp.status_code})"
-            )
-        if resp.status_code != 200:
-            await _raise_for_status(resp, where)
+        with self._deadline(where):
+            body = await self._token_answer(realm_url, params, headers, where, creds, scope)
         try:
-            body = resp.json()
-            token = body.get("token") or body.get("access_token")
-            expires_in = body.get("expires_in")
+            doc = json.loads(body)
+            token = doc.get("token") or doc.get("access_token")
+            expires_in = doc.get("expires_in")
         except (ValueError, AttributeError):
             raise AuthError(f"{where}: answer is not a JSON token") from None
         if not isinstance(token, str) or not token:
@@ -405,6 +501,46 @@ class RegistryClient:
             token,
             float(expires_in) if isinstance(expires_in, int | float) else None,
         )
+
+    async def _token_answer(
+        self,
+        realm_url: httpx.URL,
+        params: dict[str, str],
+        headers: dict[str, str],
+        where: str,
+        creds: Credentials | None,
+        scope: str,
+    ) -> bytes:
+        """The token server's body, streamed and capped at MAX_TOKEN_RESPONSE bytes.
+
+        Transport failures and 5xx stay retryable for the caller's ``_retrying``.
+        """
+        headers = {**headers, "Accept-Encoding": "identity"}  # the cap counts wire bytes
+        request = self._http.build_request("GET", realm_url, params=params, headers=headers)
+        resp = await self._http.send(request, stream=True)
+        try:
+            if resp.status_code in (401, 403):
+                who = f"the credentials of user {creds.username!r}" if creds else "anonymous access"
+                raise AuthError(
+                    f"{where} refused {who} for scope {scope or '(none)'} (HTTP {resp.status_code})"
+                )
+            if resp.status_code != 200:
+                await _raise_for_status(resp, where)
+            declared = resp.headers.get("content-length", "")
+            too_big = AuthError(
+                f"{where}: token answer exceeds the {MAX_TOKEN_RESPONSE}-byte limit; refused"
+            )
+            if declared.isdigit() and int(declared) > MAX_TOKEN_RESPONSE:
+                raise too_big
+            body = bytearray()
+            async for piece in resp.aiter_bytes():
+                body += piece
+                self._counters.bytes_fetched += len(piece)
+                if len(body) > MAX_TOKEN_RESPONSE:
+                    raise too_big
+            return bytes(body)
+        finally:
+            await resp.aclose()
 
     async def _on_challenge(self, host: str, scope: str, header: str, sent: str | None) -> None:
         """Get what the 401's challenge asks for. ``sent`` is the Authorization we sent."""
@@ -449,12 +585,23 @@ class RegistryClient:
         content: Callable[[], Any] | None = None,
         stream: bool = False,
         counters: _Counters | None = None,
+        origin: tuple[str, str, int | None] | None = None,
     ) -> httpx.Response:
         """Send with the right credentials; on 401, answer the challenge once and resend.
 
         ``content`` is a factory so a body can be produced again for the resend.
-        The caller closes a streamed response.
+        The caller closes a streamed response. Credentials only go to
+        ``origin`` (scheme, host, port; default: the registry's own): a URL
+        elsewhere (an upload Location, say) is sent without them.
         """
+        if _origin(url) != (origin or _origin(self.base_url(host))):
+            request = self._http.build_request(
+                method, url, headers=dict(headers or {}), content=content() if content else None
+            )
+            self._counters.requests += 1
+            if counters is not None:
+                counters.requests += 1
+            return await self._http.send(request, stream=stream)
         challenged = refreshed = False
         while True:
             hdrs = dict(headers or {})
@@ -542,8 +689,9 @@ class RegistryClient:
         *,
         expected: str | None,
         expected_size: int | None = None,
-    ) -> tuple[bytes, str, str]:
-        """(bytes, media type, digest) of one manifest, its digest checked."""
+    ) -> tuple[bytes, str, str, bool]:
+        """(bytes, media type, digest, verified) of one manifest, its digest checked
+        (``verified`` is False when nothing vouched for it: no pin, no header)."""
         what = f"{ref.name} manifest {selector}"
         scope = f"repository:{ref.repository}:pull"
 
@@ -580,6 +728,7 @@ class RegistryClient:
                 await resp.aclose()
 
         body, headers = await self._retrying(what, once)
+        verified = True
         if expected is not None:
             got = _hash(expected.split(":", 1)[0], body)
             if got != expected:
@@ -599,6 +748,7 @@ class RegistryClient:
                     )
                 digest = claimed
             else:
+                verified = False
                 digest = _hash("sha256", body)
                 log.warning(
                     "%s: registry sent no Docker-Content-Digest; pin the image by digest to verify it",
@@ -620,7 +770,7 @@ class RegistryClient:
                 media_type = MEDIA_OCI_MANIFEST
             else:
                 raise FormatError(f"{what}: unsupported manifest type {media_type or '(none)'}")
-        return body, media_type, digest
+        return body, media_type, digest, verified
 
     def _pick_platform(self, ref: Reference, index: dict[str, Any]) -> dict[str, Any]:
         entries = index.get("manifests")
@@ -652,15 +802,22 @@ class RegistryClient:
         return min(candidates, key=lambda c: (c[0], c[1]))[2]
 
     async def resolve(self, ref: Reference) -> ResolvedImage:
-        """Fetch and check the image manifest (through an index if need be) and its config."""
-        body, media_type, digest = await self._fetch_manifest(
+        """Fetch and check the image manifest (through an index if need be) and its config.
+
+        The whole stage has one deadline (``RegistryOptions.overall_timeout``).
+        """
+        with self._deadline(f"{ref}: resolving the manifest and config"):
+            return await self._resolve(ref)
+
+    async def _resolve(self, ref: Reference) -> ResolvedImage:
+        body, media_type, digest, verified = await self._fetch_manifest(
             ref, ref.selector, expected=ref.digest
         )
         index_digest = None
         if media_type in _INDEX_TYPES:
             index_digest = digest
             chosen = self._pick_platform(ref, json.loads(body))
-            body, media_type, digest = await self._fetch_manifest(
+            body, media_type, digest, _ = await self._fetch_manifest(
                 ref, chosen["digest"], expected=chosen["digest"], expected_size=chosen["size"]
             )
             if media_type in _INDEX_TYPES:
@@ -692,6 +849,7 @@ class RegistryClient:
             layers=list(layers),
             config=config,
             index_digest=index_digest,
+            digest_verified=verified,
         )
 
     async def _fetch_config(self, ref: Reference, desc: dict[str, Any]) -> dict[str, Any] | None:
@@ -813,7 +971,7 @@ class RegistryClient:
                 await _raise_for_status(resp, what)
             said = resp.headers.get("docker-content-digest")
             if said and said != digest:
-                raise IntegrityError(f"{what}: registry stored it as {said}")
+                raise IntegrityError(f"{what}: registry stored it as {_printable(said, 200)}")
 
         await self._retrying(what, once)
         return True
@@ -838,7 +996,9 @@ class RegistryClient:
                 await _raise_for_status(resp, what)
             said = resp.headers.get("docker-content-digest")
             if said and said != digest:
-                raise IntegrityError(f"{what}: registry computed {said}, we computed {digest}")
+                raise IntegrityError(
+                    f"{what}: registry computed {_printable(said, 200)}, we computed {digest}"
+                )
             return digest
 
         return await self._retrying(what, once)
@@ -909,6 +1069,7 @@ class RemoteBlob:
         self.digest = digest
         self.size = size
         self._owns_client = owns_client
+        self._origin = _origin(url)  # the only place registry credentials go
         self._redirect: tuple[str, float] | None = None
         self._counters = _Counters()
         self.ignores_ranges = False
@@ -947,14 +1108,27 @@ class RemoteBlob:
                 await resp.aclose()
             self._redirect = None
         url: str = self.url
+        was_tls = downgraded = False
         for hop in range(MAX_REDIRECTS + 1):
             target = httpx.URL(url)
-            if target.netloc.decode() == self._host:
+            if target.scheme not in ("http", "https"):
+                raise FetchError(f"{self._name}: redirect to a non-HTTP URL {_safe_url(url)}")
+            if was_tls and target.scheme == "http":
+                # Storage behind a downgrade sees the request in clear text:
+                # only when plain HTTP was asked for, and never with credentials.
+                if self._client.options.plain_http is not True:
+                    raise FetchError(
+                        f"{self._name}: refused a redirect from HTTPS to plain HTTP "
+                        f"({_safe_url(url)}); pass --plain-http to allow it"
+                    )
+                downgraded = True
+            was_tls = was_tls or target.scheme == "https"
+            if not downgraded and _origin(target) == self._origin:
                 resp = await self._client._send(
                     "GET", url, host=self._host, scope=self._scope, headers=headers, stream=True,
-                    counters=self._counters,
+                    counters=self._counters, origin=self._origin,
                 )  # fmt: skip
-            else:  # storage: never send registry credentials there
+            else:  # storage, another origin: never send registry credentials there
                 self._counters.requests += 1
                 self._client._counters.requests += 1
                 resp = await http.send(http.build_request("GET", url, headers=headers), stream=True)
@@ -966,7 +1140,12 @@ class RemoteBlob:
             await resp.aclose()
             if not location:
                 raise FetchError(f"{self._name}: redirect without a Location header")
-            url = str(resp.url.join(location))
+            try:
+                url = str(resp.url.join(location))
+            except httpx.InvalidURL:
+                raise FetchError(
+                    f"{self._name}: redirect to an invalid URL {_safe_url(location)}"
+                ) from None
         raise FetchError(f"{self._name}: more than {MAX_REDIRECTS} redirects")
 
     async def _read_once(self, offset: int, length: int, what: str) -> bytes:
@@ -1050,10 +1229,11 @@ class RemoteBlob:
         """The blob's size: HEAD's Content-Length, else a ``Range: bytes=0-0`` GET's Content-Range."""
 
         async def once() -> int:
-            if httpx.URL(self.url).netloc.decode() == self._host:
+            if self._origin[0] in ("http", "https"):
                 resp = await self._client._send(
-                    "HEAD", self.url, host=self._host, scope=self._scope, counters=self._counters
-                )
+                    "HEAD", self.url, host=self._host, scope=self._scope, counters=self._counters,
+                    origin=self._origin,
+                )  # fmt: skip
                 declared = resp.headers.get("content-length", "")
                 if resp.status_code == 200 and declared.isdigit():
                     return int(declared)
@@ -1098,13 +1278,16 @@ async def open_url_blob(
     the caller knows it too (from a descriptor), a disagreement is an
     IntegrityError before any byte is read.
     """
-    raw_path = urlsplit(url).path
+    try:
+        raw_path = urlsplit(url).path
+    except ValueError:
+        raise FormatError(f"blob URL {_safe_url(url)!r} is not a URL") from None
     if any(segment in (".", "..") for segment in raw_path.split("/")):
-        raise FormatError(f"{url!r}: blob URL path has '.' or '..' segments")
+        raise FormatError(f"{_safe_url(url)}: blob URL path has '.' or '..' segments")
     try:
         u = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise FormatError(f"{url!r} is not a URL") from exc
+    except httpx.InvalidURL:
+        raise FormatError(f"blob URL {_safe_url(url)!r} is not a URL") from None
     if u.scheme not in ("http", "https") or not u.host:
         raise FormatError(f"{_safe_url(url)}: only http(s) blob URLs are supported")
     digest = None
@@ -1117,7 +1300,8 @@ async def open_url_blob(
         blob = RemoteBlob(
             client, str(u), host=u.netloc.decode(), scope=scope, digest=digest, size=-1
         )
-        blob.size = await blob.probe_size()
+        with client._deadline(f"{blob._name}: size probe"):
+            blob.size = await blob.probe_size()
         if size is not None and size != blob.size:
             raise IntegrityError(f"{blob._name}: server says {blob.size} bytes, expected {size}")
         yield blob

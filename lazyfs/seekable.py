@@ -16,11 +16,14 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import hashlib
+import itertools
 import os
 import re
 import struct
+import sys
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from array import array
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -37,11 +40,14 @@ __all__ = [
     "HASH_NONE",
     "HASH_SHA512",
     "MAX_CHUNK_SIZE",
+    "MAX_TABLE_SIZE",
+    "MAX_WINDOW_SIZE",
     "MEDIA_TYPE_PLAIN",
     "MEDIA_TYPE_SEEKABLE",
     "TABLE_MAGIC",
     "ChunkTable",
     "EncodeResult",
+    "FrameChecksums",
     "LayerDescriptor",
     "check_digest",
     "decode_frame",
@@ -72,11 +78,16 @@ SKIPPABLE_MAGIC_LAST = 0x184D2A5F
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 DEFAULT_CHUNK_SIZE = 4 << 20
-# The format allows any u32; a frame is decompressed into memory whole, so a
-# table asking for more than this is refused rather than trusted.
-MAX_CHUNK_SIZE = 256 << 20
-# A chunk table larger than this would describe tens of TiB of image.
-MAX_TABLE_SIZE = 256 << 20
+# The format allows any u32; a frame is decompressed into memory whole (and
+# a few are in flight at once), so a table asking for more than this is
+# refused rather than trusted. 8x the 4 MiB default.
+MAX_CHUNK_SIZE = 32 << 20
+# No frame of at most MAX_CHUNK_SIZE bytes needs a larger zstd window.
+MAX_WINDOW_SIZE = MAX_CHUNK_SIZE
+# A chunk-table payload larger than this is refused before it is fetched or
+# parsed: 64 MiB of SHA-512 entries describe ~930k frames, 3.6 TiB of image
+# at the default chunk size. Parsed, a table costs about its payload size.
+MAX_TABLE_SIZE = 64 << 20
 # Smallest possible zstd frame: magic (4) + frame header (2) + block header (3).
 MIN_FRAME_SIZE = 9
 
@@ -207,21 +218,64 @@ def parse_descriptor(desc: Mapping[str, Any], *, name: str = "layer") -> LayerDe
 # Chunk table
 
 
-@dataclass(frozen=True)
+class FrameChecksums(Sequence[bytes]):
+    """The frames' SHA-512 checksums, stored as one bytes object.
+
+    ``checksums[i]`` is frame ``i``'s 64-byte digest. One buffer instead of a
+    million small bytes objects: a table costs what its payload costs.
+    """
+
+    __slots__ = ("_data", "_size")
+
+    def __init__(self, data: bytes = b"", size: int = HASH_SIZES[HASH_SHA512]) -> None:
+        if size <= 0 or len(data) % size:
+            raise ValueError(f"{len(data)} bytes are not a whole number of {size}-byte checksums")
+        self._data = data
+        self._size = size
+
+    def __len__(self) -> int:
+        return len(self._data) // self._size
+
+    def __getitem__(self, i: int) -> bytes:  # type: ignore[override]
+        if not isinstance(i, int):
+            raise TypeError("checksum index must be an int")
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"checksum index {i} out of range ({n} frames)")
+        return self._data[i * self._size : (i + 1) * self._size]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._data)
+
+
+@dataclass(frozen=True, eq=False)
 class ChunkTable:
     """A parsed, validated chunk table. Frame ``i`` holds image bytes
-    ``[i*chunk_size, min((i+1)*chunk_size, uncompressed_size))``."""
+    ``[i*chunk_size, min((i+1)*chunk_size, uncompressed_size))``.
+
+    ``offsets`` is an ``array('Q')`` and ``checksums`` a :class:`FrameChecksums`
+    (empty when ``hash_algo`` is 0): both index like tuples.
+    """
 
     uncompressed_size: int
     chunk_size: int
     hash_algo: int
-    offsets: tuple[int, ...]
-    checksums: tuple[bytes, ...]
+    offsets: Sequence[int]
+    checksums: Sequence[bytes]
     table_offset: int
 
     @property
     def frame_count(self) -> int:
         return len(self.offsets)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the per-frame entries take (what a mount's table budget counts)."""
+        per_offset = getattr(self.offsets, "itemsize", 8)
+        return len(self.offsets) * per_offset + getattr(self.checksums, "nbytes", 0)
 
     @property
     def compressed_size(self) -> int:
@@ -244,6 +298,27 @@ class ChunkTable:
         return range(offset // self.chunk_size, (end - 1) // self.chunk_size + 1)
 
 
+def _split_entries(entries: memoryview, count: int, hash_size: int) -> tuple[array[int], bytes]:
+    """Split ``count`` packed ``offset:u64 + checksum`` entries into one
+    offsets array and one checksum buffer, at C speed (strided memoryviews,
+    no per-entry Python objects)."""
+    words = entries.cast("Q")  # every entry is a whole number of 8-byte words
+    stride = (8 + hash_size) // 8
+    offsets = array("Q")
+    offsets.frombytes(words[0::stride].tobytes())
+    if sys.byteorder != "little":
+        offsets.byteswap()
+    if not hash_size:
+        return offsets, b""
+    # Copy each 8-byte column of the checksums into place: the words move
+    # unchanged, so byte order does not matter here.
+    sums = array("Q", bytes(count * hash_size))
+    per = hash_size // 8
+    for k in range(per):
+        sums[k::per] = array("Q", words[1 + k :: stride].tobytes())
+    return offsets, sums.tobytes()
+
+
 def parse_chunk_table(
     frame: bytes,
     *,
@@ -260,7 +335,7 @@ def parse_chunk_table(
     descriptor's ``chunk_digest`` (None: not checked). A table without frame
     checksums (hash_algo 0) is refused unless ``require_checksums`` is off.
     Every field is checked before it is used; nothing is allocated from an
-    unverified size.
+    unverified size, and no payload over :data:`MAX_TABLE_SIZE` is accepted.
     """
     where = f"{name}: chunk table at offset {table_offset}"
     if len(frame) < _SKIP_HEADER.size:
@@ -272,9 +347,14 @@ def parse_chunk_table(
         raise FormatError(
             f"{where}: payload size {payload_size} runs past the end of the blob ({blob_size} bytes)"
         )
+    if _SKIP_HEADER.size + payload_size > MAX_TABLE_SIZE:
+        raise FormatError(
+            f"{where}: payload of {payload_size} bytes exceeds the chunk-table limit of {MAX_TABLE_SIZE} bytes"
+        )
     if len(frame) < _SKIP_HEADER.size + payload_size:
         raise FormatError(f"{where}: got {len(frame) - 8} of {payload_size} payload bytes")
-    payload = frame[_SKIP_HEADER.size : _SKIP_HEADER.size + payload_size]
+    # A view, not a copy: the payload may be tens of MiB.
+    payload = memoryview(frame)[_SKIP_HEADER.size : _SKIP_HEADER.size + payload_size]
 
     if expected_digest is not None:
         actual = "sha512:" + hashlib.sha512(payload).hexdigest()
@@ -311,21 +391,15 @@ def parse_chunk_table(
             f"(23 + {count} entries x {8 + hash_size} bytes)"
         )
 
-    entry = 8 + hash_size
-    offsets: list[int] = []
-    checksums: list[bytes] = []
-    previous = -1
-    for i in range(count):
-        pos = _HEADER.size + i * entry
-        (off,) = _ENTRY_OFFSET.unpack_from(payload, pos)
-        if off <= previous:
-            raise FormatError(f"{where}: frame {i} offset {off} is not above frame {i - 1} offset {previous}")
-        if off >= table_offset:
-            raise FormatError(f"{where}: frame {i} offset {off} is at or past the table offset")
-        offsets.append(off)
-        checksums.append(payload[pos + 8 : pos + entry])
-        previous = off
-    return ChunkTable(usize, chunk_size, algo, tuple(offsets), tuple(checksums), table_offset)
+    offsets, sums = _split_entries(payload[_HEADER.size :], count, hash_size)
+    if not all(a < b for a, b in itertools.pairwise(offsets)):
+        i = next(k for k in range(1, count) if offsets[k] <= offsets[k - 1])
+        raise FormatError(f"{where}: frame {i} offset {offsets[i]} is not above frame {i - 1} offset {offsets[i - 1]}")
+    if count and offsets[-1] >= table_offset:
+        # Offsets increase, so only the last can reach the table.
+        raise FormatError(f"{where}: frame {count - 1} offset {offsets[-1]} is at or past the table offset")
+    checksums = FrameChecksums(sums, hash_size) if hash_size else FrameChecksums(b"")
+    return ChunkTable(usize, chunk_size, algo, offsets, checksums, table_offset)
 
 
 def read_chunk_table(
@@ -363,18 +437,16 @@ def table_read_size(desc: LayerDescriptor) -> int:
 # Frames
 
 
-def _window_cap(chunk_size: int) -> int:
-    # A frame never needs a window larger than its content; allow the usual
-    # 8 MiB of streaming encoders plus headroom, refuse anything bigger.
-    return max(32 << 20, 1 << (chunk_size - 1).bit_length())
-
-
 def decode_frame(table: ChunkTable, i: int, compressed: bytes, *, name: str = "layer") -> bytes:
     """Turn fetched frame bytes into servable image bytes, or raise.
 
     Order matters: the compressed span is hashed first (so a hostile frame
-    never reaches the decompressor), then decompressed with a hard output
-    cap, then its length checked.
+    never reaches the decompressor), then the frame header is read and a
+    declared content size other than the expected length, or a window over
+    :data:`MAX_WINDOW_SIZE`, is refused before anything is allocated (given a
+    content size, zstd's one-shot decompress allocates it and ignores
+    ``max_output_size``), then the frame is decompressed with a hard output
+    cap and its length checked.
     """
     start, end = table.span(i)
     if len(compressed) != end - start:
@@ -388,7 +460,20 @@ def decode_frame(table: ChunkTable, i: int, compressed: bytes, *, name: str = "l
             )
     expected = table.raw_length(i)
     try:
-        raw = zstandard.ZstdDecompressor(max_window_size=_window_cap(table.chunk_size)).decompress(
+        params = zstandard.get_frame_parameters(compressed)
+    except zstandard.ZstdError as exc:
+        raise IntegrityError(f"{name}: frame {i} has no valid zstd frame header: {exc}") from exc
+    declared = params.content_size
+    if declared not in (zstandard.CONTENTSIZE_UNKNOWN, expected):
+        raise IntegrityError(
+            f"{name}: frame {i} header declares {declared} decompressed bytes, expected {expected}"
+        )
+    if params.window_size > MAX_WINDOW_SIZE:
+        raise IntegrityError(
+            f"{name}: frame {i} asks for a {params.window_size}-byte window, over the {MAX_WINDOW_SIZE}-byte limit"
+        )
+    try:
+        raw = zstandard.ZstdDecompressor(max_window_size=MAX_WINDOW_SIZE).decompress(
             compressed, max_output_size=expected, allow_extra_data=False
         )
     except zstandard.ZstdError as exc:
@@ -439,7 +524,9 @@ def encode_image(
     Streams: at most ``2 * workers`` chunks are in memory at once, so a
     multi-GiB image needs no more than a few chunk sizes of RAM. Frames are
     compressed in threads (zstd releases the GIL) but written in order.
-    The output is written to a temporary name and renamed on success.
+    The output is written to a temporary name and renamed on success; that
+    name is random and created exclusively without following symlinks, so
+    nobody who can write the directory can redirect the write elsewhere.
     ``progress(done_bytes, total_bytes)`` is called after each frame.
     """
     if not 0 < chunk_size <= MAX_CHUNK_SIZE:
@@ -447,7 +534,8 @@ def encode_image(
     workers = workers or min(4, os.cpu_count() or 1)
     local = threading.local()  # a ZstdCompressor must not be shared between threads
     dst_path = os.fspath(dst_path)
-    tmp_path = f"{dst_path}.tmp.{os.getpid()}"
+    dst_dir, dst_name = os.path.split(os.path.abspath(dst_path))
+    tmp_path = ""
     blob_hash = hashlib.sha256()
     image_hash = hashlib.sha256()
     offsets: list[int] = []
@@ -462,7 +550,14 @@ def encode_image(
         return frame, hashlib.sha512(frame).digest()
 
     try:
-        with open(src_path, "rb") as src, open(tmp_path, "wb") as dst:
+        fd = -1
+        while fd < 0:  # O_EXCL: an existing name (a planted symlink too) is never opened
+            candidate = os.path.join(dst_dir, f".{dst_name}.tmp.{os.urandom(8).hex()}")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            with contextlib.suppress(FileExistsError):
+                fd = os.open(candidate, flags, 0o644)
+                tmp_path = candidate
+        with os.fdopen(fd, "wb") as dst, open(src_path, "rb") as src:
 
             total = os.fstat(src.fileno()).st_size
 
@@ -513,8 +608,9 @@ def encode_image(
             os.fsync(dst.fileno())
         os.replace(tmp_path, dst_path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_path)
+        if tmp_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_path)
         raise
     descriptor = {
         "mediaType": MEDIA_TYPE_SEEKABLE,

@@ -26,7 +26,7 @@ def stream_frame(raw: bytes) -> bytes:
     with cctx.stream_writer(out, closefd=False) as w:
         # Feed in pieces so the frame holds several blocks.
         for i in range(0, len(raw), 64 << 10):
-            w.write(raw[i : i + 64 << 10])
+            w.write(raw[i : i + (64 << 10)])
     return out.getvalue()
 
 

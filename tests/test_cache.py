@@ -6,6 +6,7 @@ import hashlib
 import logging
 import multiprocessing
 import os
+import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -346,7 +347,8 @@ def tiny_tmpfs(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("needs root to mount a tmpfs")
     mnt = tmp_path / "tiny"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    # mode=0700: a cache refuses a root others can write (tmpfs defaults to 1777).
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mnt)], check=True)
     try:
         yield mnt
     finally:
@@ -489,3 +491,20 @@ def test_get_nowait_serves_memory_hits_and_never_reads_disk(tmp_path):
     assert fresh.get_nowait(key, 3) is None  # on disk only: not for nowait
     assert fresh.get(key, 3) == b"abc"
     assert fresh.get_nowait(key, 3) == b"abc"
+
+
+def test_directories_wiped_under_an_open_cache_are_recreated_on_the_next_put(tmp_path: Path) -> None:
+    """An ``rm -rf`` of chunks/ and tmp/ next to a running daemon: the cache
+    works through directory handles, so it reopens them (private again)."""
+    a, b = chunk(11), chunk(12)
+    with ChunkCache(tmp_path, memory_bytes=0) as c:
+        assert c.put(key_of(a), a)
+        shutil.rmtree(tmp_path / "chunks")
+        shutil.rmtree(tmp_path / "tmp")
+        assert c.get(key_of(a), len(a)) is None
+        assert c.put(key_of(b), b)
+        assert c.get(key_of(b), len(b)) == b
+    assert (tmp_path / "chunks").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "tmp").stat().st_mode & 0o777 == 0o700
+    with ChunkCache(tmp_path, memory_bytes=0) as c:
+        assert c.get(key_of(b), len(b)) == b

@@ -298,7 +298,7 @@ def test_umount_of_a_hung_daemon_aborts_it_and_leaves_no_mount(mounter: Mounter,
 def test_full_cache_disk_degrades_to_serving_without_caching(mounter: Mounter, image: Image, tmp_path: Path):
     tiny = tmp_path / "tiny-cache"
     tiny.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(tiny)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(tiny)], check=True)
     try:
         m = mounter(image.ref, cache_dir=tiny)
         assert m.layer(1).read_bytes() == image.raws[1]

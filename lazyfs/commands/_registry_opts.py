@@ -13,7 +13,12 @@ import os
 import sys
 
 from lazyfs.errors import AuthError, FormatError
-from lazyfs.registry import DEFAULT_RETRIES, DEFAULT_TIMEOUT, RegistryOptions
+from lazyfs.registry import (
+    DEFAULT_OVERALL_TIMEOUT,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    RegistryOptions,
+)
 
 __all__ = ["add_registry_options", "options_from_args"]
 
@@ -80,6 +85,16 @@ def add_registry_options(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help=f"network timeout per request (default: {DEFAULT_TIMEOUT:g})",
     )
+    g.add_argument(
+        "--overall-timeout",
+        type=float,
+        default=DEFAULT_OVERALL_TIMEOUT,
+        metavar="SECONDS",
+        help=(
+            "deadline of each whole network stage (resolving the manifest and config, "
+            f"a token fetch, a size probe), retries included (default: {DEFAULT_OVERALL_TIMEOUT:g})"
+        ),
+    )
 
 
 def options_from_args(args: argparse.Namespace) -> RegistryOptions:
@@ -96,6 +111,12 @@ def options_from_args(args: argparse.Namespace) -> RegistryOptions:
             raise AuthError("--password-stdin needs --username")
     if getattr(args, "retries", 0) < 0:
         raise FormatError(f"--retries must be >= 0, not {args.retries}")
+    for flag, value in (
+        ("--timeout", getattr(args, "timeout", DEFAULT_TIMEOUT)),
+        ("--overall-timeout", getattr(args, "overall_timeout", DEFAULT_OVERALL_TIMEOUT)),
+    ):
+        if not value > 0:  # also refuses NaN
+            raise FormatError(f"{flag} must be a number of seconds > 0, not {value}")
     docker_config = getattr(args, "docker_config", None)
     return RegistryOptions(
         plain_http=getattr(args, "plain_http", None),
@@ -107,4 +128,5 @@ def options_from_args(args: argparse.Namespace) -> RegistryOptions:
         retries=getattr(args, "retries", DEFAULT_RETRIES),
         timeout=getattr(args, "timeout", DEFAULT_TIMEOUT),
         platform=getattr(args, "platform", None),
+        overall_timeout=getattr(args, "overall_timeout", DEFAULT_OVERALL_TIMEOUT),
     )

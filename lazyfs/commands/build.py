@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -11,8 +12,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import zstandard
+
 from lazyfs import seekable
-from lazyfs.errors import FormatError
+from lazyfs.errors import FormatError, LazyErofsError
 from lazyfs.mkfs import is_erofs_image, make_erofs
 from lazyfs.units import format_size, parse_size
 
@@ -62,6 +65,12 @@ def encode_source(src: str, output: str, args: argparse.Namespace) -> seekable.E
     path = Path(src)
     if not path.exists():
         raise FormatError(f"{src}: no such file or directory")
+    _check_encode_options(args)
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise FormatError(f"{output}: output directory {out_dir} does not exist")
+    if os.path.isdir(output):
+        raise FormatError(f"{output}: is a directory; -o names the blob file to write")
     opts = dict(
         chunk_size=args.chunk_size,
         level=args.level,
@@ -77,6 +86,19 @@ def encode_source(src: str, output: str, args: argparse.Namespace) -> seekable.E
     if not is_erofs_image(path):
         raise FormatError(f"{src}: not a directory and not a raw EROFS image (no superblock magic)")
     return seekable.encode_image(path, output, **opts)
+
+
+def _check_encode_options(args: argparse.Namespace) -> None:
+    """Refuse values the encoder cannot use, as one clear line rather than a traceback."""
+    if not 0 < args.chunk_size <= seekable.MAX_CHUNK_SIZE:
+        raise FormatError(
+            f"--chunk-size must be between 1 byte and {format_size(seekable.MAX_CHUNK_SIZE)}, "
+            f"not {args.chunk_size}"
+        )
+    # zstd's fastest negative level is -(1 << 17) (ZSTD_minCLevel).
+    lo, hi = -(1 << 17), zstandard.MAX_COMPRESSION_LEVEL
+    if not lo <= args.level <= hi:
+        raise FormatError(f"--level must be between {lo} and {hi}, not {args.level}")
 
 
 def _progress_printer(label: str) -> Callable[[int, int], None]:
@@ -97,17 +119,38 @@ def _progress_printer(label: str) -> Callable[[int, int], None]:
 
 
 def write_descriptor(blob: str, result: seekable.EncodeResult) -> str:
+    """Write ``BLOB.json`` through a fresh temporary file and a rename, so a
+    symlink planted at either name is replaced, never followed."""
     path = blob + ".json"
-    with open(path, "w") as f:
-        json.dump(result.descriptor, f, indent=2)
-        f.write("\n")
+    directory, name = os.path.split(os.path.abspath(path))
+    data = (json.dumps(result.descriptor, indent=2) + "\n").encode()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        tmp = os.path.join(directory, f".{name}.tmp.{os.urandom(8).hex()}")
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileExistsError:
+            continue
+        break
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return path
 
 
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    result = encode_source(args.src, args.output, args)
-    desc_path = write_descriptor(args.output, result)
+    try:
+        result = encode_source(args.src, args.output, args)
+        desc_path = write_descriptor(args.output, result)
+    except OSError as exc:  # disk full, permission denied...: one line, not a traceback
+        where = exc.filename or args.output
+        raise LazyErofsError(f"build: {where}: {exc.strerror or exc}") from exc
     if args.json:
         json.dump(result.descriptor, sys.stdout, indent=2)
         print()

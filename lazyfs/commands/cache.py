@@ -2,7 +2,9 @@
 
 ``ls`` and ``du`` only read the directory (a missing one is an empty cache,
 not an error, and is not created); ``gc`` and ``clear`` take the cache's lock
-like a running daemon would, so they are safe next to live mounts.
+like a running daemon would, so they are safe next to live mounts. A path
+that is not a directory, or a cache the store refuses to trust, is a one-line
+``lazyerofs: error: ...``.
 """
 
 from __future__ import annotations
@@ -10,11 +12,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import stat
 import sys
 import time
 from typing import Any
 
-from cache import DEFAULT_MAX_BYTES, ChunkCache, default_cache_dir, format_size, parse_size
+from cache import (
+    DEFAULT_MAX_BYTES,
+    CacheError,
+    ChunkCache,
+    default_cache_dir,
+    format_size,
+    parse_size,
+)
+from lazyfs.errors import LazyErofsError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -73,12 +84,30 @@ def _cache_dir(args: argparse.Namespace) -> str:
 
 
 def _open(args: argparse.Namespace, max_bytes: int = DEFAULT_MAX_BYTES) -> ChunkCache | None:
-    """The cache at ``--cache-dir``, or None when there is none yet."""
+    """The cache at ``--cache-dir``, or None when there is none yet.
+
+    Raises:
+        LazyErofsError: the path is not a directory, cannot be read, or the
+            cache refuses it (another user's, writable by others, a link).
+    """
     root = _cache_dir(args)
-    if not os.path.isdir(os.path.join(root, "chunks")):
+    try:
+        st = os.lstat(root)
+    except FileNotFoundError:
         return None
-    # No memory LRU and, for a look, a budget so large that opening never evicts.
-    return ChunkCache(root, max_bytes=max_bytes, memory_bytes=0)
+    except OSError as exc:  # ENOTDIR (a parent is a file), EACCES, ...
+        raise LazyErofsError(f"cache directory {root}: {exc.strerror or exc}") from exc
+    if not stat.S_ISDIR(st.st_mode) and not stat.S_ISLNK(st.st_mode):
+        raise LazyErofsError(f"cache directory {root} is not a directory")
+    if stat.S_ISDIR(st.st_mode) and not os.path.lexists(os.path.join(root, "chunks")):
+        # Some directory that was never a cache: nothing to show, and not
+        # ours to create files (or change modes) in.
+        return None
+    try:
+        # No memory LRU and, for a look, a budget so large that opening never evicts.
+        return ChunkCache(root, max_bytes=max_bytes, memory_bytes=0)
+    except CacheError as exc:
+        raise LazyErofsError(str(exc)) from exc
 
 
 def _summary(entries: int, used: int, budget: int) -> str:

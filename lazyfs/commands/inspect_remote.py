@@ -32,6 +32,7 @@ async def inspect_image(args: argparse.Namespace) -> dict[str, Any]:
         report: dict[str, Any] = {
             "reference": str(ref),
             "digest": image.digest,
+            "digest_verified": image.digest_verified,
             "index_digest": image.index_digest,
             "mediaType": image.media_type,
             "manifest": image.manifest,
@@ -98,7 +99,14 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"image        {report['reference']}")
     if report["index_digest"]:
         print(f"index        {report['index_digest']}")
-    print(f"manifest     {report['digest']}  (verified)")
+    # Verified: pinned by digest, or the registry's Docker-Content-Digest
+    # matched. Without either, nothing vouches for the manifest's bytes.
+    state = (
+        "(verified)"
+        if report["digest_verified"]
+        else "unverified (no digest header; pin by digest)"
+    )
+    print(f"manifest     {report['digest']}  {state}")
     print(f"media type   {report['mediaType']}")
     config = report.get("config") or {}
     if config:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from lazyfs.commands._registry_opts import add_registry_options, options_from_args
 from lazyfs.daemon import MountConfig, run_mount
+from lazyfs.errors import MountError
 from lazyfs.layer import DEFAULT_MERGE_BYTES, DEFAULT_READ_TIMEOUT
 from lazyfs.units import parse_size
 
@@ -27,7 +29,14 @@ its chunk_digest) and mount a read-only FUSE tree at DIR:
 
 Only the zstd frames that are read are fetched (HTTP range requests); each is
 checked against its SHA-512 before a byte is served and kept in the chunk
-cache. Returns once the mount is ready; on failure nothing stays mounted.""",
+cache. Returns once the mount is ready; on failure nothing stays mounted.
+Needs root.
+
+Who can read what: the FUSE tree is root's alone unless --allow-other. The
+--rootfs overlay is readable as the image's own modes say, but mounted
+nosuid,nodev: an image cannot hand out setuid root or device nodes (see
+--rootfs-allow-suid-dev). The per-layer EROFS mounts under
+/run/lazyerofs/<id>/ (0700) are nosuid,nodev,noexec.""",
         epilog="""\
 examples:
   lazyerofs mount localhost:5000/app:v1 /mnt/app
@@ -37,11 +46,28 @@ examples:
     )
     p.add_argument("ref", metavar="REF", help="image reference, or a blob URL with --descriptor")
     p.add_argument("mountpoint", metavar="DIR", help="empty directory to mount the tree on")
+    p.add_argument("--nonempty", action="store_true", help="mount on DIR (and --rootfs) even if not empty, hiding what is there")
     p.add_argument("--descriptor", metavar="FILE", help="REF is one blob URL; FILE is its OCI descriptor JSON")
     p.add_argument(
         "--rootfs",
         metavar="DIR",
         help="also mount every layer with the kernel EROFS driver and stack them (overlayfs) at DIR",
+    )
+    p.add_argument(
+        "--rootfs-allow-suid-dev",
+        action="store_true",
+        help=(
+            "with --rootfs: honour setuid/setgid bits and device nodes of the image (default: nosuid,nodev). "
+            "Only for a trusted image, e.g. when a container runtime needs a setuid binary (sudo, ping) in it"
+        ),
+    )
+    p.add_argument(
+        "--allow-other",
+        action="store_true",
+        help=(
+            "let every local user read the FUSE tree (the layer files, manifest), checked against its "
+            "0444 modes (default: root only; the --rootfs overlay does not need this)"
+        ),
     )
     p.add_argument(
         "--loop",
@@ -54,11 +80,11 @@ examples:
     g.add_argument("--cache-dir", metavar="DIR", help="chunk cache directory (default: /var/cache/lazyerofs as root)")
     g.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="disk budget, e.g. 10GiB (default: 10GiB)")
     g.add_argument("--memory-cache", type=parse_size, metavar="SIZE", help="in-memory LRU of hot chunks (default: 256MiB)")
-    g.add_argument("--verify-at-rest", action="store_true", help="re-check cached chunks' digests when read back")
+    g.add_argument("--verify-at-rest", action="store_true", help="re-hash cached chunks when read back: catches disk corruption (bit rot, torn writes), not forgery by someone who can write the cache dir (that is why the cache refuses a dir others can write)")
     g = p.add_argument_group("reads")
     g.add_argument(
         "--read-timeout",
-        type=float,
+        type=_positive_seconds,
         default=DEFAULT_READ_TIMEOUT,
         metavar="SECONDS",
         help=f"a read that cannot be served by then fails with EIO (default: {DEFAULT_READ_TIMEOUT:g})",
@@ -104,11 +130,23 @@ examples:
     p.set_defaults(func=run)
 
 
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value}")
+    return seconds
+
+
 def _fetch_ahead(value: str) -> int:
     return -1 if value == "auto" else parse_size(value)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.rootfs_allow_suid_dev and not args.rootfs:
+        raise MountError("--rootfs-allow-suid-dev only applies with --rootfs")
     registry_options = options_from_args(args)
     cfg = MountConfig(
         ref=args.ref,
@@ -132,6 +170,9 @@ def run(args: argparse.Namespace) -> int:
         readahead_kb=max(args.readahead // 1024, 4),
         fetch_ahead=args.fetch_ahead,
         loop=args.loop,
+        allow_other=args.allow_other,
+        rootfs_allow_suid_dev=args.rootfs_allow_suid_dev,
+        nonempty=args.nonempty,
     )
     if cfg.insecure_skip_verify:
         import sys

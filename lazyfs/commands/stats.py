@@ -31,6 +31,8 @@ def read_stats(mountpoint: str) -> dict:
             return json.load(f)
     except FileNotFoundError as exc:
         raise MountError(f"{mountpoint}: not a lazyerofs mount (no {path})") from exc
+    except PermissionError as exc:
+        raise MountError(f"{mountpoint}: permission denied: the mount is root's only unless mounted with --allow-other") from exc
     except OSError as exc:
         raise MountError(f"{mountpoint}: cannot read stats: {exc.strerror} (daemon gone? try 'lazyerofs umount')") from exc
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from lazyfs import kmount
-from lazyfs.daemon import load_state, state_dir, teardown, wait_gone
+from lazyfs.daemon import FUSE_TYPE, is_our_daemon, load_state, state_dir, teardown, wait_gone
 from lazyfs.errors import MountError
 
 
@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Take down what 'lazyerofs mount' set up at DIR: the overlay rootfs, "
             "the kernel EROFS mounts and the FUSE mount, in that order, and stop "
-            "the daemon. Also cleans up after a daemon that was killed."
+            "the daemon. Also cleans up after a daemon that was killed. Only a "
+            "lazyerofs FUSE mount is touched, and only its own daemon is signalled."
         ),
     )
     p.add_argument("mountpoint", metavar="DIR")
@@ -36,34 +37,52 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _our_fuse_mount(mountpoint: str) -> bool:
+    """True if the topmost mount at ``mountpoint`` is a lazyerofs FUSE mount;
+    None-safe: False when nothing is mounted there."""
+    found = kmount.find_mount(mountpoint)
+    return found is not None and found[0] == FUSE_TYPE
+
+
 def unmount(mountpoint: str, *, timeout: float = 15.0) -> None:
-    mountpoint = os.path.abspath(mountpoint)
+    if os.geteuid() != 0:
+        raise MountError("unmounting needs root (the mounts and /run/lazyerofs are root's); run it as root")
+    mountpoint = kmount.real_path(mountpoint)
     state = load_state(mountpoint)
-    if state is None and kmount.find_mount(mountpoint) is None:
+    found = kmount.find_mount(mountpoint)
+    if found is not None and found[0] != FUSE_TYPE:
+        # Someone else's mount (maybe stacked on ours): never abort or detach it.
+        raise MountError(f"{mountpoint}: the mount there is {found[0]}, not a lazyerofs mount; left alone")
+    if state is None and found is None:
         raise MountError(f"{mountpoint}: not mounted by lazyerofs")
     # Kernel mounts first: they read through the FUSE mount below them.
     teardown(mountpoint, state)
     pid = state.get("pid") if state else None
-    if pid and _alive(pid):
+    if state and is_our_daemon(state):
+        assert isinstance(pid, int)
         os.kill(pid, signal.SIGTERM)
         if not wait_gone(pid, timeout):
             print(f"lazyerofs: daemon {pid} did not stop in {timeout:g}s; aborting its connection", file=sys.stderr)
-            kmount.abort_fuse(mountpoint)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            if _our_fuse_mount(mountpoint):
+                kmount.abort_fuse(mountpoint)
+            if is_our_daemon(state):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             wait_gone(pid, 5)
-    found = kmount.find_mount(mountpoint)
-    if found is not None and found[0].startswith("fuse"):
+    elif isinstance(pid, int) and pid > 0 and _alive(pid):
+        # The recorded pid now names another process: leave it be.
+        print(f"lazyerofs: process {pid} is not this mount's daemon (its pid was reused); not signalling it", file=sys.stderr)
+    if _our_fuse_mount(mountpoint):
         # The daemon is gone but its mount is left: a stale "transport
         # endpoint is not connected" mount. Detach it.
         kmount.abort_fuse(mountpoint)
         fusermount = shutil.which("fusermount3") or shutil.which("fusermount")
         if fusermount:
             subprocess.run([fusermount, "-u", "-z", mountpoint], capture_output=True, check=False)
-        if kmount.find_mount(mountpoint) is not None:
+        if _our_fuse_mount(mountpoint):
             kmount.umount(mountpoint, lazy_after=0)
     shutil.rmtree(state_dir(mountpoint), ignore_errors=True)
-    if kmount.find_mount(mountpoint) is not None:
+    if _our_fuse_mount(mountpoint):
         raise MountError(f"{mountpoint} is still mounted")
 
 
@@ -72,4 +91,6 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:
+        return True
     return True

@@ -2,8 +2,10 @@
 
 Every frame is fetched, hashed against the chunk table and decompressed to
 its exact length; for dm-verity layers the decoded image and the hash tree
-are checked against the root digest of the descriptor. Bad frames and bad
-blocks are each reported; the command does not stop at the first.
+are checked against the root digest of the descriptor. A plain EROFS layer
+has no chunk table: its whole blob is fetched and hashed against the
+descriptor's digest. Bad frames and bad blocks are each reported; the
+command does not stop at the first.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import hashlib
 import json
 import struct
 import sys
@@ -23,7 +26,7 @@ import trio
 
 from lazyfs import seekable
 from lazyfs.commands._registry_opts import add_registry_options, options_from_args
-from lazyfs.errors import FormatError, LazyErofsError
+from lazyfs.errors import FormatError, IntegrityError, LazyErofsError
 from lazyfs.units import format_size
 
 BATCH_BYTES = 8 << 20
@@ -37,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Fetch every frame of every EROFS layer of TARGET (an image reference, "
             "or a local blob with its descriptor), check each against the chunk "
             "table's SHA-512 and decompressed length, and check dm-verity layers' "
-            "hash trees against their root digest. Reports every bad frame or block."
+            "hash trees against their root digest. Plain EROFS layers are fetched "
+            "whole and checked against their blob digest. Reports every bad frame or block."
         ),
         epilog="exit status: 0 everything verified, 1 something did not (listed on stderr)",
     )
@@ -60,6 +64,7 @@ class LayerReport:
     bad_blocks: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     verity: bool = False
+    digest_checked: bool = False  # the whole blob was hashed (plain layers)
     skipped: str | None = None
     table: seekable.ChunkTable | None = field(default=None, repr=False)
 
@@ -74,13 +79,13 @@ class Progress:
         self.enabled = enabled
         self.started = time.monotonic()
 
-    def show(self, label: str, done: int, total: int, nbytes: int) -> None:
+    def show(self, label: str, done: int, total: int, nbytes: int, *, unit: str = "frames") -> None:
         if not self.enabled:
             return
         width = 30
         filled = width * done // total if total else width
         rate = nbytes / max(time.monotonic() - self.started, 1e-6)
-        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} frames {format_size(int(rate))}/s ")
+        sys.stderr.write(f"\r{label} [{'#' * filled}{'.' * (width - filled)}] {done}/{total} {unit} {format_size(int(rate))}/s ")
         sys.stderr.flush()
 
     def done(self) -> None:
@@ -94,8 +99,11 @@ async def verify_layer(
     name = name or f"layer {index}"
     desc = seekable.parse_descriptor(desc_dict, name=name)
     report = LayerReport(index, desc.digest, desc.media_type)
+    if desc.media_type == seekable.MEDIA_TYPE_PLAIN:
+        await _verify_plain(desc, source, progress, report, name)
+        return report
     if not desc.seekable:
-        report.skipped = f"media type {desc.media_type} has no chunk table"
+        report.skipped = f"media type {desc.media_type} is not an EROFS layer"
         return report
     assert desc.table_offset is not None
     table = seekable.read_chunk_table(
@@ -130,6 +138,30 @@ async def verify_layer(
         if image is not None:
             await _verify_tree(desc, table, source, image, report)
     return report
+
+
+async def _verify_plain(
+    desc: seekable.LayerDescriptor, source: Any, progress: Progress, report: LayerReport, name: str
+) -> None:
+    """A plain layer's only chain is its blob digest: fetch it all and hash it."""
+    if source.size != desc.size:
+        report.errors.append(f"{name}: blob is {source.size} bytes, descriptor says {desc.size}")
+        return
+    h = hashlib.new(desc.digest.split(":", 1)[0])
+    done = 0
+    while done < desc.size:
+        length = min(BATCH_BYTES, desc.size - done)
+        piece = await source.read(done, length)
+        if len(piece) != length:
+            raise IntegrityError(f"{name}: got {len(piece)} of {length} bytes at {done}")
+        await trio.to_thread.run_sync(h.update, piece)
+        done += length
+        report.bytes_checked = done
+        progress.show(name, done, desc.size, done, unit="bytes")
+    actual = f"{h.name}:{h.hexdigest()}"
+    report.digest_checked = True
+    if actual != desc.digest:
+        report.errors.append(f"{name}: plain blob digest {actual} does not match the descriptor's {desc.digest}")
 
 
 async def _verify_tree(desc: seekable.LayerDescriptor, table: seekable.ChunkTable, source: Any, image: Any, report: LayerReport) -> None:
@@ -204,6 +236,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"layer {r.index} {r.digest[:19]}  skipped: {r.skipped}")
                 continue
             state = "OK" if not r.errors else "FAILED"
+            if r.digest_checked:
+                print(f"layer {r.index} {r.digest[:19]}  {state}: blob digest checked, {format_size(r.bytes_checked)}")
+                continue
             verity = ", dm-verity tree checked" if r.verity else ""
             print(
                 f"layer {r.index} {r.digest[:19]}  {state}: {r.frames - len(r.bad_frames)}/{r.frames} frames good"

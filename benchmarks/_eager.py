@@ -1,14 +1,14 @@
 """The eager baseline: what containerd's EROFS differ does before a container starts.
 
 Pull every layer blob completely (through the same emulated network as the
-lazy mount, with the project's ``lazyfs.registry.RegistryClient``), verify
+lazy mount, with the project's ``lazyfs.oci.client.RegistryClient``), verify
 its sha256 and decode every frame, write ``layer.erofs``, then mount each
 with the kernel EROFS driver and stack them with overlayfs. At most three
 blobs download at once (containerd's default) and each layer is decoded in
 its own thread as soon as its blob is complete, so decoding one layer
 overlaps the download of another, as in containerd.
 
-The decoder is ``lazyfs.seekable.decode_frame``, so both strategies pay
+The decoder is ``lazyfs.format.seekable.decode_frame``, so both strategies pay
 exactly the same per-frame cost (SHA-512 of the compressed span + zstd with
 an output cap).
 """
@@ -25,8 +25,9 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from lazyfs import kmount, seekable
-from lazyfs.registry import RegistryClient, RegistryOptions, ResolvedImage, parse_reference
+from lazyfs.format import seekable
+from lazyfs.mount import kernel as kmount
+from lazyfs.oci.client import RegistryClient, RegistryOptions, ResolvedImage, parse_reference
 
 __all__ = ["EagerPull", "eager_mount", "resolve"]
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lazyfs.mkfs import make_erofs
+from lazyfs.produce.mkfs import make_erofs
 
 __all__ = [
     "DEBIAN_MIRROR",

@@ -20,7 +20,7 @@ layers, served by a real ``docker-registry`` behind an emulated network
 
 Every measured run starts cold: chunk cache empty (lazy), decoded images
 deleted (eager), ``sync; echo 3 > /proc/sys/vm/drop_caches``, and gets its
-own network emulator (``lazyfs.netproxy.NetProxy``), so traffic a previous
+own network emulator (``tests.support.netproxy.NetProxy``), so traffic a previous
 run left in flight cannot hold the link. Every mount, the registry and the
 proxy are torn down in ``finally`` blocks, so Ctrl-C leaves nothing behind.
 A ``lazyerofs`` command that does not return in time stops the sweep
@@ -48,10 +48,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _eager, _image, _report
-from lazyfs import kmount, seekable
-from lazyfs.localregistry import LocalRegistry
-from lazyfs.netproxy import NetProxy
+from lazyfs.format import seekable
+from lazyfs.mount import kernel as kmount
 from lazyfs.units import format_size, parse_size
+from tests.support.localregistry import LocalRegistry
+from tests.support.netproxy import NetProxy
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
@@ -458,8 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         "images": {str(k): v for k, v in images.items()},
         "workloads": args.workloads,
         "repeat": args.repeat,
-        "network_emulator": "lazyfs.netproxy.NetProxy",
-        "registry_client": "lazyfs.registry.RegistryClient",
+        "network_emulator": "tests.support.netproxy.NetProxy",
+        "registry_client": "lazyfs.oci.client.RegistryClient",
         "limit_round_trips": LIMIT_ROUND_TRIPS,
         "machine": machine_info(),
         "wall_s": time.monotonic() - started,

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from cache import parse_size
-from lazyfs.mkfs import make_erofs
+from lazyfs.produce.mkfs import make_erofs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAZYEROFS = str(Path(sys.executable).parent / "lazyerofs")

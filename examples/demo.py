@@ -22,8 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lazyfs.localregistry import LocalRegistry
 from lazyfs.units import format_size
+
+# The local registry harness lives with the tests (it is not shipped).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.support.localregistry import LocalRegistry
 
 HERE = Path(__file__).resolve().parent
 LAZYEROFS = str(Path(sys.executable).parent / "lazyerofs")

@@ -8,8 +8,8 @@ import shutil
 import pytest
 
 pytest_plugins = [
-    "support_registry",  # real docker-registry instances, fault proxy
-    "support_mount",  # FUSE/EROFS mounts with finalizers
+    "support.registry",  # real docker-registry instances, fault proxy
+    "support.mount",  # FUSE/EROFS mounts with finalizers
 ]
 
 

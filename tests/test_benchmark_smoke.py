@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import require_root_tools
 
-from lazyfs import kmount
+from lazyfs.mount import kernel as kmount
 
 pytestmark = [pytest.mark.e2e]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import zstandard
-from blobtools import stream_frame
+from support.blobtools import stream_frame
 
 
 def test_stream_frame_round_trips_data_larger_than_one_feed_piece() -> None:

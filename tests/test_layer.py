@@ -12,12 +12,12 @@ import random
 
 import pytest
 import trio
-from blobtools import make_blob
+from support.blobtools import make_blob
 
 from cache import ChunkCache
-from lazyfs import seekable
 from lazyfs.errors import FetchError, IntegrityError
-from lazyfs.layer import SeekableLayer
+from lazyfs.fetch.files import SeekableLayer
+from lazyfs.format import seekable
 
 
 class MemorySource:
@@ -198,7 +198,7 @@ async def test_fetch_ahead_skips_frames_already_cached(tmp_path):
 
 
 def test_link_estimate_learns_rtt_from_small_and_bandwidth_from_large_requests():
-    from lazyfs.layer import LinkEstimate
+    from lazyfs.fetch.files import LinkEstimate
 
     link = LinkEstimate()
     assert link.bdp() == 0

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from support_mount import Mounter, lazyerofs, make_tree, tree_listing
+from support.mount import Mounter, lazyerofs, make_tree, tree_listing
 
-from lazyfs import kmount
-from lazyfs.mkfs import make_erofs
+from lazyfs.mount import kernel as kmount
+from lazyfs.produce.mkfs import make_erofs
 
 pytestmark = pytest.mark.e2e
 
@@ -153,7 +153,7 @@ def test_tampered_frame_gives_eio_there_and_correct_bytes_elsewhere(mounter: Mou
     data = bytearray(blob_path.read_bytes())
     # Flip a byte inside frame 5 (frames start where the table says; find it by
     # decoding the table with the project's parser).
-    from lazyfs import seekable
+    from lazyfs.format import seekable
 
     d = seekable.parse_descriptor(desc)
     assert d.table_offset is not None

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from blobtools import make_blob
-from support_mount import Mounter
-from support_registry import layer_descriptor
+from support.blobtools import make_blob
+from support.mount import Mounter
+from support.registry import layer_descriptor
 
-from lazyfs import kmount
-from lazyfs.registry import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, RegistryClient, parse_reference
+from lazyfs.mount import kernel as kmount
+from lazyfs.oci.client import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, RegistryClient, parse_reference
 
 pytestmark = pytest.mark.e2e
 

@@ -11,15 +11,16 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
-from support_registry import layer_descriptor, push_image
+from support.localregistry import LocalRegistry
+from support.netproxy import FaultRule, NetProxy
+from support.registry import layer_descriptor, push_image
 
-from lazyfs.localregistry import LocalRegistry
-from lazyfs.netproxy import FaultRule, NetProxy
-from lazyfs.registry import RegistryClient, parse_reference
+from lazyfs.oci.client import RegistryClient, parse_reference
 
 BLOB = os.urandom(2 << 20)
 
@@ -34,6 +35,9 @@ def blob_url(registry: LocalRegistry) -> str:
 
     trio.run(push)
     return f"/v2/test/net/blobs/{layer_descriptor(BLOB)['digest']}"
+
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_added_latency_delays_every_request(registry: LocalRegistry):
@@ -140,9 +144,9 @@ def test_fault_rule_spec_parsing():
 
 def test_command_line_proxy_forwards_until_interrupted(registry: LocalRegistry):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "lazyfs.netproxy", "--upstream", registry.url, "--rtt-ms", "5", "--mbit", "100",
+        [sys.executable, "-m", "tests.support.netproxy", "--upstream", registry.url, "--rtt-ms", "5", "--mbit", "100",
          "--fault", "503:x1@/v2/"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
     )  # fmt: skip
     try:
         line = proc.stdout.readline() if proc.stdout else ""

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from support_mount import LAZYEROFS, lazyerofs
+from support.localregistry import LocalRegistry
+from support.mount import LAZYEROFS, lazyerofs
 
-from lazyfs import seekable
-from lazyfs.localregistry import LocalRegistry
-from lazyfs.mkfs import make_erofs
-from lazyfs.registry import RegistryClient, parse_reference
+from lazyfs.format import seekable
+from lazyfs.oci.client import RegistryClient, parse_reference
+from lazyfs.produce.mkfs import make_erofs
 
 pytestmark = pytest.mark.skipif(
     shutil.which("mkfs.erofs") is None, reason="needs mkfs.erofs (erofs-utils)"

@@ -1,4 +1,4 @@
-"""lazyfs.registry against a real docker-registry: references, resolve, range reads, push."""
+"""lazyfs.oci.client against a real docker-registry: references, resolve, range reads, push."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import os
 
 import httpx
 import pytest
-from support_registry import layer_descriptor, push_image
+from support.localregistry import LocalRegistry
+from support.registry import layer_descriptor, push_image
 
 from lazyfs.errors import FetchError, FormatError, IntegrityError, NotFoundError
-from lazyfs.localregistry import LocalRegistry
-from lazyfs.reference import is_loopback_host
-from lazyfs.registry import (
+from lazyfs.oci.client import (
     MEDIA_OCI_INDEX,
     MEDIA_OCI_MANIFEST,
     Reference,
@@ -22,6 +21,7 @@ from lazyfs.registry import (
     open_url_blob,
     parse_reference,
 )
+from lazyfs.oci.reference import is_loopback_host
 
 HEX = "a" * 64
 D256 = f"sha256:{HEX}"
@@ -324,7 +324,7 @@ def test_registry_options_come_from_flags_and_the_password_from_stdin(monkeypatc
     import argparse
     import io
 
-    from lazyfs.commands._registry_opts import add_registry_options, options_from_args
+    from lazyfs.cli._registry_opts import add_registry_options, options_from_args
 
     parser = argparse.ArgumentParser()
     add_registry_options(parser)

@@ -9,10 +9,10 @@ import os
 
 import pytest
 import trio
-from support_registry import AuthRegistry, TokenRegistry, layer_descriptor, push_image
+from support.registry import AuthRegistry, TokenRegistry, layer_descriptor, push_image
 
 from lazyfs.errors import AuthError, FetchError
-from lazyfs.registry import RegistryClient, RegistryOptions, parse_reference
+from lazyfs.oci.client import RegistryClient, RegistryOptions, parse_reference
 
 
 def creds(reg: AuthRegistry | TokenRegistry) -> RegistryOptions:
@@ -197,7 +197,7 @@ async def test_insecure_tls_reaches_a_self_signed_registry_over_http1_and_http2(
 
 
 def test_bearer_challenge_with_commas_inside_quotes_is_parsed_whole():
-    from lazyfs._auth import parse_challenges
+    from lazyfs.oci.auth import parse_challenges
 
     header = 'Bearer realm="https://auth.example/token",service="reg.example",scope="repository:a/b:pull,push"'
     (challenge,) = parse_challenges(header)
@@ -210,7 +210,7 @@ def test_bearer_challenge_with_commas_inside_quotes_is_parsed_whole():
 
 
 def test_docker_config_matches_hub_aliases_and_hides_the_password(tmp_path):
-    from lazyfs._auth import load_docker_credentials
+    from lazyfs.oci.auth import load_docker_credentials
 
     config = tmp_path / "config.json"
     config.write_text(

@@ -13,12 +13,12 @@ import os
 
 import httpx
 import pytest
-from support_registry import layer_descriptor, push_image
+from support.localregistry import LocalRegistry
+from support.netproxy import NetProxy
+from support.registry import layer_descriptor, push_image
 
 from lazyfs.errors import AuthError, FetchError, IntegrityError
-from lazyfs.localregistry import LocalRegistry
-from lazyfs.netproxy import NetProxy
-from lazyfs.registry import RegistryClient, RegistryOptions, open_url_blob, parse_reference
+from lazyfs.oci.client import RegistryClient, RegistryOptions, open_url_blob, parse_reference
 
 DATA = os.urandom(1 << 20)
 BLOBS = r"/blobs/sha256:"

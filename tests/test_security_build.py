@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs import cli, seekable
-from lazyfs.mkfs import make_erofs
+from lazyfs import cli
+from lazyfs.format import seekable
+from lazyfs.produce.mkfs import make_erofs
 
 VICTIM_TEXT = "precious data, not to be overwritten\n"
 

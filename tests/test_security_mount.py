@@ -24,13 +24,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from blobtools import make_blob
-from support_mount import LAZYEROFS, Mounter, force_cleanup, lazyerofs, make_tree
+from support.blobtools import make_blob
+from support.mount import LAZYEROFS, Mounter, force_cleanup, lazyerofs, make_tree
 
-from lazyfs import daemon, kmount
 from lazyfs.errors import MountError
-from lazyfs.mkfs import make_erofs
-from lazyfs.registry import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, RegistryClient, parse_reference
+from lazyfs.mount import daemon
+from lazyfs.mount import kernel as kmount
+from lazyfs.oci.client import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, RegistryClient, parse_reference
+from lazyfs.produce.mkfs import make_erofs
 
 pytestmark = pytest.mark.e2e
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support_registry import (
+from support.registry import (
     ISSUER,
     PASSWORD,
     SERVICE,
@@ -39,7 +39,7 @@ from support_registry import (
 
 from lazyfs import cli
 from lazyfs.errors import AuthError, FetchError, NotFoundError
-from lazyfs.registry import (
+from lazyfs.oci.client import (
     MEDIA_OCI_CONFIG,
     MEDIA_OCI_MANIFEST,
     RegistryClient,
@@ -228,7 +228,7 @@ async def test_bearer_token_never_reaches_the_log_through_http2_header_logging(
 
 
 def test_library_loggers_may_be_let_through_explicitly(monkeypatch: pytest.MonkeyPatch):
-    from lazyfs import registry
+    from lazyfs.oci import client as registry
 
     monkeypatch.setenv(registry.DEBUG_HTTP_ENV, "1")
     logging.getLogger("hpack").setLevel(logging.NOTSET)

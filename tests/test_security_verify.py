@@ -20,13 +20,15 @@ from pathlib import Path
 import pytest
 import trio
 import zstandard
-from blobtools import make_blob
-from support_mount import lazyerofs
+from support.blobtools import make_blob
+from support.mount import lazyerofs
 
 from cache import ChunkCache
-from lazyfs import daemon, layer, seekable
 from lazyfs.errors import FetchError, FormatError, IntegrityError
-from lazyfs.layer import PlainLayer, SeekableLayer
+from lazyfs.fetch import files as layer
+from lazyfs.fetch.files import PlainLayer, SeekableLayer
+from lazyfs.format import seekable
+from lazyfs.mount import daemon
 
 PLAIN = "application/vnd.erofs.layer.v1"
 

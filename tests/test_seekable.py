@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import zstandard
-from blobtools import make_blob, stream_frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support.blobtools import make_blob, stream_frame
 
-from lazyfs import seekable
 from lazyfs.errors import FormatError, IntegrityError
-from lazyfs.mkfs import is_erofs_image, make_erofs
+from lazyfs.format import seekable
+from lazyfs.produce.mkfs import is_erofs_image, make_erofs
 
 TABLE_OFFSET = seekable.ANNOTATION_TABLE_OFFSET
 CHUNK_DIGEST = seekable.ANNOTATION_CHUNK_DIGEST

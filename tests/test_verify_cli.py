@@ -8,9 +8,9 @@ import os
 from pathlib import Path
 
 import pytest
-from support_mount import lazyerofs
+from support.mount import lazyerofs
 
-from lazyfs import seekable
+from lazyfs.format import seekable
 
 
 @pytest.fixture

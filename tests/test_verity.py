@@ -19,9 +19,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lazyfs import verity
 from lazyfs.errors import FormatError, IntegrityError
-from lazyfs.mkfs import make_erofs
+from lazyfs.format import verity
+from lazyfs.produce.mkfs import make_erofs
 
 UUID = bytes(range(16))
 K = 4096

@@ -14,10 +14,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support_mount import Mounter, lazyerofs, make_tree
+from support.mount import Mounter, lazyerofs, make_tree
 
-from lazyfs import seekable
-from lazyfs.mkfs import make_erofs
+from lazyfs.format import seekable
+from lazyfs.produce.mkfs import make_erofs
 
 pytestmark = [
     pytest.mark.e2e,

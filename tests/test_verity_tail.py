@@ -18,11 +18,11 @@ import trio
 from test_layer import MemorySource
 
 from cache import ChunkCache
-from lazyfs import seekable
 from lazyfs.errors import FormatError, IntegrityError
-from lazyfs.layer import SeekableLayer
-from lazyfs.mkfs import make_erofs
-from lazyfs.verity_tail import open_verity_tail
+from lazyfs.fetch.files import SeekableLayer
+from lazyfs.fetch.verity_tail import open_verity_tail
+from lazyfs.format import seekable
+from lazyfs.produce.mkfs import make_erofs
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@
 ``await layer.read(offset, size)`` returns exactly the bytes of the layer's
 virtual file, fetching, verifying and caching only the frames that cover the
 range. Everything that turns fetched bytes into servable bytes goes through
-:func:`lazyfs.seekable.decode_frame` (seekable layers),
-:meth:`lazyfs.verity.HashTree.verify_blocks` (the dm-verity tail) or the
+:func:`lazyfs.format.seekable.decode_frame` (seekable layers),
+:meth:`lazyfs.format.verity.HashTree.verify_blocks` (the dm-verity tail) or the
 whole-blob digest check of :class:`PlainLayer` (plain layers).
 
 Concurrency: reads of the same cold frame share one flight. The first reader
@@ -34,8 +34,8 @@ from typing import Any, Protocol
 
 import trio
 
-from lazyfs import seekable
 from lazyfs.errors import FetchError, FormatError, IntegrityError, LazyErofsError
+from lazyfs.format import seekable
 
 __all__ = [
     "DEFAULT_DECODE_BUDGET",
@@ -272,7 +272,7 @@ class SeekableLayer:
         if verified and not chain:
             raise IntegrityError(f"{name}: the chain of trust cannot be established for this layer")
         self.verified = chain
-        self.verity = verity  # lazyfs.verity_tail.VerityTail or None
+        self.verity = verity  # lazyfs.fetch.verity_tail.VerityTail or None
         self.demand = demand or Demand()
         # fetch_ahead < 0 means "auto": one bandwidth-delay product, capped.
         self.fetch_ahead = fetch_ahead

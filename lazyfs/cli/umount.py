@@ -10,9 +10,9 @@ import signal
 import subprocess
 import sys
 
-from lazyfs import kmount
-from lazyfs.daemon import FUSE_TYPE, is_our_daemon, load_state, state_dir, teardown, wait_gone
 from lazyfs.errors import MountError
+from lazyfs.mount import kernel as kmount
+from lazyfs.mount.daemon import FUSE_TYPE, is_our_daemon, load_state, state_dir, teardown, wait_gone
 
 
 def register(sub: argparse._SubParsersAction) -> None:

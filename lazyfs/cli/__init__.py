@@ -1,6 +1,6 @@
 """The ``lazyerofs`` command: a thin shell over the library.
 
-Each subcommand lives in ``lazyfs/commands/<name>.py`` and exposes
+Each subcommand lives in ``lazyfs/cli/<name>.py`` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func`` to a
 callable taking the parsed namespace and returning an exit code.
 """
@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         try:
-            module = importlib.import_module(f"lazyfs.commands.{name}")
+            module = importlib.import_module(f"lazyfs.cli.{name}")
         except ModuleNotFoundError as exc:
-            if exc.name != f"lazyfs.commands.{name}":
+            if exc.name != f"lazyfs.cli.{name}":
                 raise
             continue  # not built yet
         module.register(sub)

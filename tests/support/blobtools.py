@@ -1,6 +1,6 @@
 """An independent, in-memory seekable-EROFS encoder for tests.
 
-Written from FORMAT.md alone and sharing no code with ``lazyfs.seekable``, so
+Written from FORMAT.md alone and sharing no code with ``lazyfs.format.seekable``, so
 a bug in the encoder cannot hide the same bug in the reader. It builds frames
 the way containerd's streaming Go encoder does (no content size, XXH64
 checksum) and lets a test bend any field of the table.

@@ -21,18 +21,18 @@ from typing import Any
 import trio
 import zstandard
 
-from lazyfs import seekable
-from lazyfs.commands._registry_opts import add_registry_options, options_from_args
-from lazyfs.commands.build import add_encode_options, encode_source
+from lazyfs.cli._registry_opts import add_registry_options, options_from_args
+from lazyfs.cli.build import add_encode_options, encode_source
 from lazyfs.errors import FormatError, IntegrityError
-from lazyfs.mkfs import is_erofs_image
-from lazyfs.registry import (
+from lazyfs.format import seekable
+from lazyfs.oci.client import (
     MEDIA_OCI_CONFIG,
     MEDIA_OCI_MANIFEST,
     RegistryClient,
     default_platform,
     parse_reference,
 )
+from lazyfs.produce.mkfs import is_erofs_image
 from lazyfs.units import format_size
 
 __all__ = ["Layer", "build_config", "build_manifest", "prepare_layer", "register", "run"]

@@ -1,7 +1,7 @@
 """Fixtures with real registries: Debian's ``docker-registry`` (distribution v2.8).
 
 * ``registry`` / ``module_registry``: an open registry on a free loopback
-  port with its own storage (a :class:`lazyfs.localregistry.LocalRegistry`:
+  port with its own storage (a :class:`support.localregistry.LocalRegistry`:
   ``.host``, ``.url``, ``.storage``, ``.blob_path(digest)``, ``.stop()``,
   ``.start()``).
 * ``auth_registry``: the same behind htpasswd basic auth; ``.username`` and
@@ -11,7 +11,7 @@
   ``x5c`` header and is the registry's ``rootcertbundle``, which is how
   distribution v2.8 checks them.
 * ``tls_registry``: HTTPS with a self-signed certificate (``.cert``).
-* ``fault_proxy``: a :class:`lazyfs.netproxy.NetProxy` in front of ``registry``.
+* ``fault_proxy``: a :class:`support.netproxy.NetProxy` in front of ``registry``.
 
 Every process and thread started here is stopped in a finalizer, even when
 the test fails.
@@ -35,9 +35,9 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from lazyfs.localregistry import LocalRegistry
-from lazyfs.netproxy import NetProxy
-from lazyfs.registry import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, Reference, RegistryClient
+from lazyfs.oci.client import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, Reference, RegistryClient
+from support.localregistry import LocalRegistry
+from support.netproxy import NetProxy
 
 USERNAME = "alice"
 PASSWORD = "correct horse battery staple"

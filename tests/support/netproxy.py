@@ -17,7 +17,7 @@ at the proxy; absolute ``Location`` headers naming the upstream are
 rewritten too. It runs its own asyncio loop in a background thread, so sync
 tests can use it as a context manager, and from the command line::
 
-    python -m lazyfs.netproxy --upstream http://127.0.0.1:5000 --rtt-ms 20 --mbit 100
+    python -m tests.support.netproxy --upstream http://127.0.0.1:5000 --rtt-ms 20 --mbit 100
 """
 
 from __future__ import annotations
@@ -514,7 +514,7 @@ def _parse_listen(value: str) -> tuple[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m lazyfs.netproxy",
+        prog="python -m tests.support.netproxy",
         description="Loopback HTTP reverse proxy with added latency, a bandwidth cap and fault injection.",
     )
     parser.add_argument(

@@ -10,7 +10,7 @@ via anyio.
 Trust: a manifest's bytes are hashed and compared with the pinned digest, or
 with the registry's ``Docker-Content-Digest`` when only a tag was given.
 Range reads are checked against ``Content-Range``; integrity of the bytes
-themselves is the chunk table's job (``lazyfs.seekable``).
+themselves is the chunk table's job (``lazyfs.format.seekable``).
 
 Transient failures (5xx, 429, resets, timeouts, short bodies) are retried a
 bounded number of times with jittered exponential backoff, then surface as
@@ -39,7 +39,6 @@ from urllib.parse import urlsplit
 import anyio
 import httpx
 
-from lazyfs._auth import Credentials, Secret, TokenCache, load_docker_credentials, parse_challenges
 from lazyfs.errors import (
     AuthError,
     FetchError,
@@ -48,7 +47,14 @@ from lazyfs.errors import (
     NotFoundError,
     RegistryError,
 )
-from lazyfs.reference import Reference, check_digest, is_loopback_host, parse_reference
+from lazyfs.oci.auth import (
+    Credentials,
+    Secret,
+    TokenCache,
+    load_docker_credentials,
+    parse_challenges,
+)
+from lazyfs.oci.reference import Reference, check_digest, is_loopback_host, parse_reference
 
 __all__ = [
     "MEDIA_DOCKER_MANIFEST",

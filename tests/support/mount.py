@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from lazyfs import kmount
-from lazyfs.daemon import state_dir
+from lazyfs.mount import kernel as kmount
+from lazyfs.mount.daemon import state_dir
 
 LAZYEROFS = str(Path(sys.executable).parent / "lazyerofs")
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import trio
 
-from lazyfs import seekable
 from lazyfs.errors import FormatError, IntegrityError
+from lazyfs.format import seekable
 
 __all__ = ["VerityTail", "open_verity_tail"]
 
@@ -83,7 +83,7 @@ async def open_verity_tail(
 ) -> tuple[VerityTail, bytes]:
     """Read the verity superblock block, check it against the descriptor, and
     return the tail plus containerd's sidecar JSON."""
-    from lazyfs import verity
+    from lazyfs.format import verity
 
     assert desc.verity_offset is not None and desc.verity_root is not None
     algo, root_hex = desc.verity_root.split(":", 1)

@@ -24,9 +24,9 @@ from typing import Any
 
 import trio
 
-from lazyfs import seekable
-from lazyfs.commands._registry_opts import add_registry_options, options_from_args
+from lazyfs.cli._registry_opts import add_registry_options, options_from_args
 from lazyfs.errors import FormatError, IntegrityError, LazyErofsError
+from lazyfs.format import seekable
 from lazyfs.units import format_size
 
 BATCH_BYTES = 8 << 20
@@ -165,7 +165,7 @@ async def _verify_plain(
 
 
 async def _verify_tree(desc: seekable.LayerDescriptor, table: seekable.ChunkTable, source: Any, image: Any, report: LayerReport) -> None:
-    from lazyfs import verity
+    from lazyfs.format import verity
 
     assert desc.verity_offset is not None and desc.verity_root is not None
     magic, size = struct.unpack("<II", await source.read(desc.verity_offset, 8))
@@ -194,8 +194,8 @@ async def _verify(args: argparse.Namespace) -> list[LayerReport]:
     progress = Progress(enabled=not args.quiet and sys.stderr.isatty())
     reports = []
     if os.path.exists(args.target):
-        from lazyfs.commands.inspect import load_descriptor
-        from lazyfs.sources import FileSource
+        from lazyfs.cli.inspect import load_descriptor
+        from lazyfs.fetch.source import FileSource
 
         desc = load_descriptor(args.descriptor or args.target + ".json")
         source = FileSource(args.target)
@@ -207,7 +207,7 @@ async def _verify(args: argparse.Namespace) -> list[LayerReport]:
         return reports
     if args.descriptor:
         raise FormatError(f"{args.target}: no such file")
-    from lazyfs import registry
+    from lazyfs.oci import client as registry
     async with registry.RegistryClient(options_from_args(args)) as client:
         ref = registry.parse_reference(args.target)
         image = await client.resolve(ref)
@@ -218,7 +218,7 @@ async def _verify(args: argparse.Namespace) -> list[LayerReport]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lazyfs.daemon import unwrap_group
+    from lazyfs.mount.daemon import unwrap_group
 
     with unwrap_group():
         reports = trio.run(_verify, args)

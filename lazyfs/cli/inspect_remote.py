@@ -15,10 +15,10 @@ from typing import Any
 
 import trio
 
-from lazyfs import seekable
-from lazyfs.commands._registry_opts import options_from_args
+from lazyfs.cli._registry_opts import options_from_args
 from lazyfs.errors import LazyErofsError
-from lazyfs.registry import RegistryClient, parse_reference
+from lazyfs.format import seekable
+from lazyfs.oci.client import RegistryClient, parse_reference
 from lazyfs.units import format_size
 
 __all__ = ["inspect_image", "print_report", "run"]
@@ -145,7 +145,7 @@ def print_report(report: dict[str, Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Entry point used by ``lazyfs.commands.inspect`` when TARGET is not a local file."""
+    """Entry point used by ``lazyfs.cli.inspect`` when TARGET is not a local file."""
     report = trio.run(inspect_image, args)
     if getattr(args, "json", False):
         json.dump(report, sys.stdout, indent=2)

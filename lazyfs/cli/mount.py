@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import math
 
-from lazyfs.commands._registry_opts import add_registry_options, options_from_args
-from lazyfs.daemon import MountConfig, run_mount
+from lazyfs.cli._registry_opts import add_registry_options, options_from_args
 from lazyfs.errors import MountError
-from lazyfs.layer import DEFAULT_MERGE_BYTES, DEFAULT_READ_TIMEOUT
+from lazyfs.fetch.files import DEFAULT_MERGE_BYTES, DEFAULT_READ_TIMEOUT
+from lazyfs.mount.daemon import MountConfig, run_mount
 from lazyfs.units import parse_size
 
 

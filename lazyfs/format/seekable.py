@@ -596,7 +596,7 @@ def encode_image(
             }
             verity_root = verity_hash_offset = None
             if dm_verity:
-                from lazyfs import verity  # only needed here
+                from lazyfs.format import verity  # only needed here
 
                 src.seek(0)
                 vpayload, verity_root = verity.build_payload(src, usize, block_size=verity_block_size)

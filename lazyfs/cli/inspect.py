@@ -11,9 +11,9 @@ from typing import Any
 
 import trio
 
-from lazyfs import seekable
-from lazyfs.commands._registry_opts import add_registry_options
+from lazyfs.cli._registry_opts import add_registry_options
 from lazyfs.errors import FormatError, IntegrityError
+from lazyfs.format import seekable
 from lazyfs.units import format_size
 
 
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if not os.path.exists(args.target):
         if args.descriptor:
             raise FormatError(f"{args.target}: no such file")
-        from lazyfs.commands import inspect_remote
+        from lazyfs.cli import inspect_remote
 
         return inspect_remote.run(args)
     report = inspect_blob(args.target, args.descriptor or args.target + ".json")
@@ -101,8 +101,8 @@ def inspect_blob(blob: str, descriptor_path: str) -> dict[str, Any]:
         report["uncompressed_size"] = desc.size
         return report
     # The frame checks are `lazyerofs verify`'s, run on the local file.
-    from lazyfs.commands.verify import Progress, verify_layer
-    from lazyfs.sources import FileSource
+    from lazyfs.cli.verify import Progress, verify_layer
+    from lazyfs.fetch.source import FileSource
 
     source = FileSource(blob)
     try:

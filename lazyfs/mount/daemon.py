@@ -32,9 +32,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import trio
 
-from lazyfs import kmount, seekable
 from lazyfs.errors import FetchError, FormatError, IntegrityError, LazyErofsError, MountError
-from lazyfs.layer import (
+from lazyfs.fetch.files import (
     DEFAULT_MERGE_BYTES,
     DEFAULT_READ_TIMEOUT,
     Demand,
@@ -43,6 +42,8 @@ from lazyfs.layer import (
     SeekableLayer,
     charge_table,
 )
+from lazyfs.format import seekable
+from lazyfs.mount import kernel as kmount
 
 __all__ = [
     "FUSE_TYPE",
@@ -81,7 +82,7 @@ class MountConfig:
     foreground: bool = False
     log_file: str | None = None
     log_level: str = "info"
-    registry: Any = None  # lazyfs.registry.RegistryOptions
+    registry: Any = None  # lazyfs.oci.client.RegistryOptions
     touch_log: str | None = None  # write touched frames here at exit (benchmarks)
     prefetch: bool = False
     readahead_kb: int = 4096
@@ -295,7 +296,7 @@ async def _open_layer(
     verity = None
     sidecar = None
     if desc.verity_offset is not None:
-        from lazyfs.verity_tail import open_verity_tail
+        from lazyfs.fetch.verity_tail import open_verity_tail
 
         verity, sidecar = await open_verity_tail(name, desc, table.uncompressed_size, source)
     layer = SeekableLayer(
@@ -325,12 +326,12 @@ async def _open_image(cfg: MountConfig, stack: contextlib.AsyncExitStack, cache:
                 raise FormatError(f"{cfg.descriptor_file}: not valid JSON: {exc}") from exc
         parsed = seekable.parse_descriptor(desc, name=cfg.descriptor_file)
         if os.path.exists(cfg.ref):
-            from lazyfs.sources import FileSource
+            from lazyfs.fetch.source import FileSource
 
             source = FileSource(cfg.ref)
             stack.callback(source.close)
         else:
-            from lazyfs import registry
+            from lazyfs.oci import client as registry
 
             source = await stack.enter_async_context(
                 registry.open_url_blob(cfg.ref, size=parsed.size, options=cfg.registry or registry.RegistryOptions())
@@ -338,7 +339,7 @@ async def _open_image(cfg: MountConfig, stack: contextlib.AsyncExitStack, cache:
         manifest = json.dumps({"schemaVersion": 2, "layers": [desc]}, indent=2).encode()
         descs = [(desc, source)]
     else:
-        from lazyfs import registry
+        from lazyfs.oci import client as registry
 
         client = await stack.enter_async_context(registry.RegistryClient(cfg.registry or registry.RegistryOptions()))
         ref = registry.parse_reference(cfg.ref)
@@ -399,7 +400,7 @@ async def _serve(cfg: MountConfig, notify: Any) -> None:
     import pyfuse3
 
     from cache import CacheError, ChunkCache, default_cache_dir
-    from lazyfs.fs import LazyFS
+    from lazyfs.mount.fuse import LazyFS
 
     kwargs: dict[str, Any] = {"verify_at_rest": cfg.verify_at_rest}
     if cfg.cache_size is not None:

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import zstandard
 
-from lazyfs import seekable
 from lazyfs.errors import FormatError, LazyErofsError
-from lazyfs.mkfs import is_erofs_image, make_erofs
+from lazyfs.format import seekable
+from lazyfs.produce.mkfs import is_erofs_image, make_erofs
 from lazyfs.units import format_size, parse_size
 
 

@@ -1,0 +1,7 @@
+"""``python -m lazyfs.cli``: the same as the ``lazyerofs`` command."""
+
+import sys
+
+from lazyfs.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""The seekable EROFS blob format alone: bytes in, bytes out, no I/O."""

@@ -1,0 +1,1 @@
+"""The data plane of one image (being split; see issue 11)."""

@@ -1,0 +1,1 @@
+"""The OCI distribution client (being split; see issue 11)."""

@@ -1,7 +1,7 @@
 """The eager baseline: what containerd's EROFS differ does before a container starts.
 
 Pull every layer blob completely (through the same emulated network as the
-lazy mount, with the project's ``lazyfs.oci.client.RegistryClient``), verify
+lazy mount, with the project's ``lazyfs.oci.RegistryClient``), verify
 its sha256 and decode every frame, write ``layer.erofs``, then mount each
 with the kernel EROFS driver and stack them with overlayfs. At most three
 blobs download at once (containerd's default) and each layer is decoded in
@@ -22,12 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import anyio
-import anyio.to_thread
+import trio
 
 from lazyfs.format import seekable
 from lazyfs.mount import kernel as kmount
-from lazyfs.oci.client import RegistryClient, RegistryOptions, ResolvedImage, parse_reference
+from lazyfs.oci import RegistryClient, RegistryOptions, ResolvedImage, parse_reference
 
 __all__ = ["EagerPull", "eager_mount", "resolve"]
 
@@ -64,7 +63,7 @@ def resolve(ref: str) -> ResolvedImage:
         async with RegistryClient(RegistryOptions()) as client:
             return await client.resolve(parse_reference(ref))
 
-    return anyio.run(go)
+    return trio.run(go)
 
 
 def _decode(desc_dict: dict[str, Any], blob: bytes, out: Path) -> tuple[int, int, float]:
@@ -92,20 +91,20 @@ async def _pull(ref: str, outs_dir: Path, result: EagerPull, t0: float) -> list[
         image = await client.resolve(reference)
         result.manifest_s = time.monotonic() - t0
         outs = [outs_dir / f"{i}.erofs" for i in range(len(image.layers))]
-        limiter = anyio.CapacityLimiter(MAX_CONCURRENT_DOWNLOADS)
+        limiter = trio.CapacityLimiter(MAX_CONCURRENT_DOWNLOADS)
         last_download = [t0]
 
         async def one(desc: dict[str, Any], out: Path) -> None:
             async with limiter:
                 blob = await client.blob(reference, desc).read(0, desc["size"])
             last_download[0] = max(last_download[0], time.monotonic())
-            raw, frames, cpu = await anyio.to_thread.run_sync(_decode, desc, blob, out)
+            raw, frames, cpu = await trio.to_thread.run_sync(_decode, desc, blob, out)
             result.bytes_downloaded += len(blob)
             result.raw_bytes += raw
             result.frames += frames
             result.decode_cpu_s += cpu
 
-        async with anyio.create_task_group() as tg:
+        async with trio.open_nursery() as tg:
             for desc, out in zip(image.layers, outs, strict=True):
                 tg.start_soon(one, desc, out)
         result.download_s = last_download[0] - t0
@@ -121,7 +120,7 @@ def eager_mount(ref: str, work: Path, rootfs: Path) -> EagerPull:
     t0 = time.monotonic()
     work.mkdir(parents=True, exist_ok=True)
     try:
-        outs = anyio.run(_pull, ref, work, result, t0)
+        outs = trio.run(_pull, ref, work, result, t0)
         targets = []
         for i, img in enumerate(outs):
             m = kmount.mount_erofs(str(img), str(work / f"m{i}"))

@@ -1,4 +1,4 @@
-"""SeekableLayer on its own: exact bytes, one flight per frame, verify-then-serve.
+"""SeekableFile on its own: exact bytes, one flight per frame, verify-then-serve.
 
 The blob is served from memory by a source that counts requests and can be
 told to corrupt or stall; the cache is the real chunk cache on disk. The same
@@ -16,7 +16,7 @@ from support.blobtools import make_blob
 
 from cache import ChunkCache
 from lazyfs.errors import FetchError, IntegrityError
-from lazyfs.fetch.files import SeekableLayer
+from lazyfs.fetch import FetchContext, LinkEstimate, ReadSettings, SeekableFile
 from lazyfs.format import seekable
 
 
@@ -46,14 +46,18 @@ def raw_image(size: int) -> bytes:
     return bytes(rnd.getrandbits(3) for _ in range(size))
 
 
-def make_layer(tmp_path, raw: bytes, chunk_size: int, **kw) -> tuple[SeekableLayer, MemorySource]:
+def make_layer(
+    tmp_path, raw: bytes, chunk_size: int, *, delay: float = 0.0, memory_bytes: int = 0, **settings
+) -> tuple[SeekableFile, MemorySource]:
+    """A layer over ``raw`` in frames of ``chunk_size``; ``settings`` are ReadSettings fields."""
     blob = make_blob(raw, chunk_size)
     desc = seekable.parse_descriptor(blob.descriptor)
     assert desc.table_offset is not None
     table = seekable.read_chunk_table(blob.data[desc.table_offset :], desc)
-    source = MemorySource(blob.data, delay=kw.pop("delay", 0.0))
-    cache = ChunkCache(tmp_path / "cache", memory_bytes=kw.pop("memory_bytes", 0))
-    layer = SeekableLayer("test", desc, table, source, cache, limiter=trio.CapacityLimiter(4), **kw)
+    source = MemorySource(blob.data, delay=delay)
+    cache = ChunkCache(tmp_path / "cache", memory_bytes=memory_bytes)
+    context = FetchContext()
+    layer = SeekableFile("test", desc, table, context.counted(source), cache, ReadSettings(**settings), context)
     return layer, source
 
 
@@ -191,15 +195,13 @@ async def test_fetch_ahead_brings_following_frames_in_the_same_request(tmp_path)
 async def test_fetch_ahead_skips_frames_already_cached(tmp_path):
     layer, source = make_layer(tmp_path, RAW, 10_000, fetch_ahead=30_000)
     await layer.read(20_000, 10)  # frames 2-5
-    layer._present.clear()  # forget what we know: only the cache can tell
+    layer.store._present.clear()  # forget what we know: only the cache can tell
     source.requests.clear()
     await layer.read(15_000, 10)  # frame 1; 2.. are on disk
     assert source.requests == [(layer.table.span(1)[0], layer.table.span(1)[1] - layer.table.span(1)[0])]
 
 
 def test_link_estimate_learns_rtt_from_small_and_bandwidth_from_large_requests():
-    from lazyfs.fetch.files import LinkEstimate
-
     link = LinkEstimate()
     assert link.bdp() == 0
     link.observe(4_000, 0.080)  # a chunk table: nearly all latency
@@ -210,7 +212,7 @@ def test_link_estimate_learns_rtt_from_small_and_bandwidth_from_large_requests()
 
 
 async def test_auto_fetch_ahead_stays_off_on_a_fast_local_link(tmp_path):
-    layer, _ = make_layer(tmp_path, RAW, 10_000, fetch_ahead=-1)
+    layer, _ = make_layer(tmp_path, RAW, 10_000, fetch_ahead="auto")
     for off in (0, 50_000, 120_000, 180_000):
         await layer.read(off, 10)
     # The source answers instantly: the bandwidth-delay product is ~0.
@@ -218,9 +220,9 @@ async def test_auto_fetch_ahead_stays_off_on_a_fast_local_link(tmp_path):
 
 
 async def test_auto_fetch_ahead_grows_with_latency(tmp_path):
-    layer, source = make_layer(tmp_path, RAW, 10_000, fetch_ahead=-1, delay=0.05)
-    layer.link.observe(4_000, 0.05)  # a 50 ms round trip
-    layer.link.observe(200_000, 0.05 + 0.001)  # 200 KB took 1 ms past it: BDP ~10 MB, capped
+    layer, source = make_layer(tmp_path, RAW, 10_000, fetch_ahead="auto", delay=0.05)
+    layer.context.link.observe(4_000, 0.05)  # a 50 ms round trip
+    layer.context.link.observe(200_000, 0.05 + 0.001)  # 200 KB took 1 ms past it: BDP ~10 MB, capped
     await layer.read(0, 10)
     assert layer.stats.frames_fetched > 1
     assert len(source.requests) == 1

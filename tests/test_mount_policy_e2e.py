@@ -13,7 +13,7 @@ from support.mount import Mounter
 from support.registry import layer_descriptor
 
 from lazyfs.mount import kernel as kmount
-from lazyfs.oci.client import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, RegistryClient, parse_reference
+from lazyfs.oci import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, RegistryClient, parse_reference
 
 pytestmark = pytest.mark.e2e
 

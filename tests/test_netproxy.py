@@ -20,7 +20,7 @@ from support.localregistry import LocalRegistry
 from support.netproxy import FaultRule, NetProxy
 from support.registry import layer_descriptor, push_image
 
-from lazyfs.oci.client import RegistryClient, parse_reference
+from lazyfs.oci import RegistryClient, parse_reference
 
 BLOB = os.urandom(2 << 20)
 

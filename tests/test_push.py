@@ -15,7 +15,7 @@ from support.localregistry import LocalRegistry
 from support.mount import LAZYEROFS, lazyerofs
 
 from lazyfs.format import seekable
-from lazyfs.oci.client import RegistryClient, parse_reference
+from lazyfs.oci import RegistryClient, parse_reference
 from lazyfs.produce.mkfs import make_erofs
 
 pytestmark = pytest.mark.skipif(

@@ -1,4 +1,4 @@
-"""lazyfs.oci.client against a real docker-registry: references, resolve, range reads, push."""
+"""lazyfs.oci against a real docker-registry: references, resolve, range reads, push."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ from support.localregistry import LocalRegistry
 from support.registry import layer_descriptor, push_image
 
 from lazyfs.errors import FetchError, FormatError, IntegrityError, NotFoundError
-from lazyfs.oci.client import (
+from lazyfs.oci import (
     MEDIA_OCI_INDEX,
     MEDIA_OCI_MANIFEST,
     Reference,
     RegistryClient,
     RegistryOptions,
+    is_loopback_host,
     open_url_blob,
     parse_reference,
 )
-from lazyfs.oci.reference import is_loopback_host
 
 HEX = "a" * 64
 D256 = f"sha256:{HEX}"

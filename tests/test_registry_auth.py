@@ -12,7 +12,7 @@ import trio
 from support.registry import AuthRegistry, TokenRegistry, layer_descriptor, push_image
 
 from lazyfs.errors import AuthError, FetchError
-from lazyfs.oci.client import RegistryClient, RegistryOptions, parse_reference
+from lazyfs.oci import RegistryClient, RegistryOptions, parse_reference
 
 
 def creds(reg: AuthRegistry | TokenRegistry) -> RegistryOptions:
@@ -126,20 +126,32 @@ async def test_token_server_refusing_credentials_is_an_auth_error_without_the_pa
     assert token_registry.token_server.refused == 1
 
 
+class FakeClock:
+    """Monotonic seconds that move only when told to: token expiry without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 async def test_expired_token_is_refreshed_before_the_next_request(token_registry: TokenRegistry):
     data = os.urandom(10_000)
     ref = parse_reference(f"{token_registry.host}/public/app:v1")
     async with RegistryClient(creds(token_registry)) as client:
         await push_image(client, ref, [data])
     server = token_registry.token_server
-    server.expires_in = 1  # the client keeps a token for less than that
-    async with RegistryClient() as client:
+    server.expires_in = 60
+    clock = FakeClock()
+    async with RegistryClient(clock=clock) as client:
         blob = client.blob(ref, layer_descriptor(data))
         assert await blob.read(0, 10) == data[:10]
         issued = server.issued
+        clock.now += 49  # the client keeps a token for 60 s less a 10 s margin
         assert await blob.read(10, 10) == data[10:20]
         assert server.issued == issued  # still fresh: reused
-        await trio.sleep(1.1)
+        clock.now += 2
         assert await blob.read(20, 10) == data[20:30]
         assert server.issued == issued + 1
 
@@ -152,15 +164,16 @@ async def test_a_token_the_registry_rejects_is_replaced_once_and_the_request_ret
     async with RegistryClient(creds(token_registry)) as client:
         await push_image(client, ref, [data])
     server = token_registry.token_server
-    server.expires_in = 1
-    async with RegistryClient() as client:
+    server.expires_in = 60
+    clock = FakeClock()
+    async with RegistryClient(clock=clock) as client:
         blob = client.blob(ref, layer_descriptor(data))
         server.poison = 1  # the next token carries a wrong issuer: the registry answers 401
         before = server.issued
         assert await blob.read(0, 10) == data[:10]
         assert server.issued == before + 2
         server.poison = 10  # every token is bad: one refresh, then a clear error
-        await trio.sleep(1.1)
+        clock.now += 61  # the good token has expired: the next read fetches a bad one
         with pytest.raises(AuthError, match="fresh token"):
             await blob.read(0, 10)
 
@@ -197,7 +210,7 @@ async def test_insecure_tls_reaches_a_self_signed_registry_over_http1_and_http2(
 
 
 def test_bearer_challenge_with_commas_inside_quotes_is_parsed_whole():
-    from lazyfs.oci.auth import parse_challenges
+    from lazyfs.oci import parse_challenges
 
     header = 'Bearer realm="https://auth.example/token",service="reg.example",scope="repository:a/b:pull,push"'
     (challenge,) = parse_challenges(header)
@@ -210,7 +223,7 @@ def test_bearer_challenge_with_commas_inside_quotes_is_parsed_whole():
 
 
 def test_docker_config_matches_hub_aliases_and_hides_the_password(tmp_path):
-    from lazyfs.oci.auth import load_docker_credentials
+    from lazyfs.oci import load_docker_credentials
 
     config = tmp_path / "config.json"
     config.write_text(

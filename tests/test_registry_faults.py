@@ -18,7 +18,7 @@ from support.netproxy import NetProxy
 from support.registry import layer_descriptor, push_image
 
 from lazyfs.errors import AuthError, FetchError, IntegrityError
-from lazyfs.oci.client import RegistryClient, RegistryOptions, open_url_blob, parse_reference
+from lazyfs.oci import RegistryClient, RegistryOptions, open_url_blob, parse_reference
 
 DATA = os.urandom(1 << 20)
 BLOBS = r"/blobs/sha256:"

@@ -28,9 +28,9 @@ from support.blobtools import make_blob
 from support.mount import LAZYEROFS, Mounter, force_cleanup, lazyerofs, make_tree
 
 from lazyfs.errors import MountError
-from lazyfs.mount import daemon
 from lazyfs.mount import kernel as kmount
-from lazyfs.oci.client import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, RegistryClient, parse_reference
+from lazyfs.mount import state as mount_state
+from lazyfs.oci import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, RegistryClient, parse_reference
 from lazyfs.produce.mkfs import make_erofs
 
 pytestmark = pytest.mark.e2e
@@ -165,7 +165,7 @@ def test_setuid_binaries_and_device_nodes_of_an_image_give_a_local_user_nothing(
     ref = push_trees(registry, tmp_path, f"hostile{layers}", trees)
     # A run dir left world-traversable (by an older version) is tightened.
     with contextlib.suppress(FileNotFoundError):
-        daemon.RUN_DIR.chmod(0o755)
+        mount_state.RUN_DIR.chmod(0o755)
 
     m = open_mounter(ref, rootfs=True)
     assert m.rootfs is not None
@@ -179,8 +179,8 @@ def test_setuid_binaries_and_device_nodes_of_an_image_give_a_local_user_nothing(
 
     # The per-layer mounts: in a 0700 dir, and nothing to run or open there even for root.
     # (After the rootfs checks, which show the attack itself.)
-    state = daemon.state_dir(str(m.dir))
-    for d in (daemon.RUN_DIR, state):
+    state = mount_state.state_dir(str(m.dir))
+    for d in (mount_state.RUN_DIR, state):
         st = d.stat()
         assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == 0, d
     lower = state / "erofs" / "0"
@@ -210,9 +210,9 @@ def test_a_run_dir_owned_by_another_user_is_refused(tmp_path: Path, monkeypatch:
     run = tmp_path / "run"
     run.mkdir(mode=0o700)
     os.chown(run, NOBODY_UID, NOBODY_UID)
-    monkeypatch.setattr(daemon, "RUN_DIR", run)
+    monkeypatch.setattr(mount_state, "RUN_DIR", run)
     with pytest.raises(MountError, match="owned by uid 65534"):
-        daemon._save_state(str(tmp_path / "mnt"), {"pid": 1})
+        mount_state.save_state(str(tmp_path / "mnt"), {"pid": 1})
     assert not list(run.iterdir())
 
 
@@ -240,7 +240,7 @@ def test_umount_does_not_signal_a_process_that_reused_the_daemons_pid(tmp_path: 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     sleeper = subprocess.Popen(["sleep", "300"])
-    state = daemon.state_dir(str(mnt))
+    state = mount_state.state_dir(str(mnt))
     try:
         started = start_time(sleeper.pid)
         state.mkdir(parents=True, mode=0o700)
@@ -304,7 +304,7 @@ def test_umount_refuses_a_fuse_mount_that_is_not_lazyerofs(tmp_path: Path):
 
 
 def _daemon_pid(*paths: Path) -> int:
-    for p in daemon.RUN_DIR.glob("*/state.json"):
+    for p in mount_state.RUN_DIR.glob("*/state.json"):
         with contextlib.suppress(OSError, ValueError):
             s = json.loads(p.read_text())
             if s.get("mountpoint") in {str(x) for x in paths}:
@@ -329,8 +329,8 @@ def test_a_mount_is_found_by_its_real_path_and_through_a_symlink(plain_image: st
         lazyerofs("umount", str(umount_at))
         assert kmount.find_mount(str(real)) is None
         assert wait_gone(pid), "the daemon outlived umount"
-        assert not daemon.state_dir(str(real)).exists()
-        assert not (daemon.RUN_DIR / hashlib.sha256(str(link).encode()).hexdigest()[:16]).exists()
+        assert not mount_state.state_dir(str(real)).exists()
+        assert not (mount_state.RUN_DIR / hashlib.sha256(str(link).encode()).hexdigest()[:16]).exists()
     finally:
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
@@ -355,7 +355,7 @@ def test_state_and_log_are_private_and_hold_no_url_secrets(mounter: Mounter, mod
     url = f"http://alice:hunter2pass@{module_registry.host}/v2/test/plainimg/blobs/{desc['digest']}?sig=SECRETSIG&x=1"
     m = mounter(url, "--descriptor", str(desc_file))
     assert m.layer(0).read_bytes()[:4096]  # some requests, so some log lines
-    state_file = daemon.state_dir(str(m.dir)) / "state.json"
+    state_file = mount_state.state_dir(str(m.dir)) / "state.json"
     state = json.loads(state_file.read_text())
     log_file = Path(state["log"])
     for path in (state_file, log_file):

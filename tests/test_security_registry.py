@@ -39,7 +39,7 @@ from support.registry import (
 
 from lazyfs import cli
 from lazyfs.errors import AuthError, FetchError, NotFoundError
-from lazyfs.oci.client import (
+from lazyfs.oci import (
     MEDIA_OCI_CONFIG,
     MEDIA_OCI_MANIFEST,
     RegistryClient,
@@ -214,7 +214,7 @@ async def test_bearer_token_never_reaches_the_log_through_http2_header_logging(
         caplog.set_level(logging.DEBUG)  # root at DEBUG, as --log-level debug does
         image = await client.resolve(ref)
         assert await client.blob(ref, image.layers[0]).read(0, 100) == DATA[:100]
-        tokens = [t.value.reveal() for t in client._tokens._tokens.values()]
+        tokens = [t.reveal() for t in client._auth.tokens.secrets()]
     assert tokens
     for token in tokens:
         assert token not in caplog.text
@@ -228,7 +228,7 @@ async def test_bearer_token_never_reaches_the_log_through_http2_header_logging(
 
 
 def test_library_loggers_may_be_let_through_explicitly(monkeypatch: pytest.MonkeyPatch):
-    from lazyfs.oci import client as registry
+    from lazyfs import oci as registry
 
     monkeypatch.setenv(registry.DEBUG_HTTP_ENV, "1")
     logging.getLogger("hpack").setLevel(logging.NOTSET)

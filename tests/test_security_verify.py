@@ -24,11 +24,10 @@ from support.blobtools import make_blob
 from support.mount import lazyerofs
 
 from cache import ChunkCache
+from lazyfs import fetch
 from lazyfs.errors import FetchError, FormatError, IntegrityError
-from lazyfs.fetch import files as layer
-from lazyfs.fetch.files import PlainLayer, SeekableLayer
+from lazyfs.fetch import FetchContext, PlainFile, ReadSettings, SeekableFile, open_layer
 from lazyfs.format import seekable
-from lazyfs.mount import daemon
 
 PLAIN = "application/vnd.erofs.layer.v1"
 
@@ -51,6 +50,11 @@ class MemorySource:
         return self.data[offset : offset + length]
 
 
+def plain_file(source: MemorySource, *, read_timeout: float = fetch.DEFAULT_READ_TIMEOUT, **kw) -> PlainFile:
+    counted = FetchContext().counted(source)
+    return PlainFile("p", plain_desc(RAW), counted, ReadSettings(read_timeout=read_timeout), **kw)
+
+
 def plain_desc(data: bytes) -> seekable.LayerDescriptor:
     return seekable.parse_descriptor(
         {"mediaType": PLAIN, "digest": "sha256:" + hashlib.sha256(data).hexdigest(), "size": len(data)}
@@ -65,7 +69,7 @@ RAW = random.Random(3).randbytes(300_000)
 
 async def test_plain_layer_serves_exact_bytes_only_after_fetching_the_whole_blob(tmp_path: Path):
     source = MemorySource(RAW)
-    plain = PlainLayer("p", plain_desc(RAW), source)
+    plain = plain_file(source)
     assert await plain.read(1000, 50) == RAW[1000:1050]
     # The first read waited for every byte of the blob, not just its range.
     assert sum(length for _, length in source.requests) == len(RAW)
@@ -78,7 +82,7 @@ async def test_altered_plain_blob_is_never_served(tmp_path: Path):
     altered = bytearray(RAW)
     altered[123_456] ^= 0xFF
     source = MemorySource(bytes(altered))
-    plain = PlainLayer("p", plain_desc(RAW), source)
+    plain = plain_file(source)
     for offset in (0, 1000, 123_456):  # before, and at, the altered byte
         with pytest.raises(IntegrityError, match="does not match"):
             await plain.read(offset, 10)
@@ -90,7 +94,7 @@ async def test_altered_plain_blob_is_never_served(tmp_path: Path):
 async def test_plain_fetch_resumes_after_a_stall_instead_of_restarting(tmp_path: Path):
     piece = 64 << 10
     source = MemorySource(RAW, stall_at=2 * piece)
-    plain = PlainLayer("p", plain_desc(RAW), source, spool_dir=tmp_path, piece_bytes=piece, read_timeout=0.5)
+    plain = plain_file(source, spool_dir=tmp_path, piece_bytes=piece, read_timeout=0.5)
     with pytest.raises(FetchError, match="not"):
         await plain.read(0, 10)
     assert await plain.read(0, 10) == RAW[:10]
@@ -105,7 +109,7 @@ async def test_plain_fetch_in_a_background_nursery_outlives_a_timed_out_reader(t
             return await super().read(offset, length)
 
     source = Slow(RAW)
-    plain = PlainLayer("p", plain_desc(RAW), source, spool_dir=tmp_path, piece_bytes=64 << 10, read_timeout=0.15)
+    plain = plain_file(source, spool_dir=tmp_path, piece_bytes=64 << 10, read_timeout=0.15)
     async with trio.open_nursery() as nursery:
         plain.start(nursery)
         with pytest.raises(FetchError, match="not verified within"):
@@ -121,10 +125,8 @@ async def test_open_layer_serves_plain_layers_verified_even_with_insecure_skip_v
     desc = {"mediaType": PLAIN, "digest": "sha256:" + hashlib.sha256(RAW).hexdigest(), "size": len(RAW)}
     with ChunkCache(tmp_path / "cache") as cache:
         for insecure in (False, True):
-            cfg = daemon.MountConfig(ref="x", mountpoint="/nowhere", insecure_skip_verify=insecure)
-            opened = await daemon._open_layer(
-                cfg, 0, desc, MemorySource(bytes(altered)), cache, trio.CapacityLimiter(2), layer.Demand(), layer.LinkEstimate()
-            )
+            settings = ReadSettings(insecure_skip_verify=insecure)
+            opened = await open_layer(0, desc, MemorySource(bytes(altered)), cache, settings, FetchContext())
             assert opened is not None
             plain, _ = opened
             with pytest.raises(IntegrityError):
@@ -170,9 +172,9 @@ def swapped_frames_blob() -> tuple[seekable.LayerDescriptor, seekable.ChunkTable
 async def test_unverified_flag_does_not_turn_off_frame_checks_of_a_checksummed_layer(tmp_path: Path):
     desc, table, raw, swapped = swapped_frames_blob()
     with ChunkCache(tmp_path / "cache") as cache:
-        lay = SeekableLayer(
-            "t", desc, table, MemorySource(swapped), cache, limiter=trio.CapacityLimiter(2), verified=False
-        )
+        context = FetchContext()
+        settings = ReadSettings(insecure_skip_verify=True)
+        lay = SeekableFile("t", desc, table, context.counted(MemorySource(swapped)), cache, settings, context)
         assert lay.verified is True  # the chain holds, whatever the caller asked for
         with pytest.raises(IntegrityError, match="SHA-512"):
             await lay.read(4096 + 10, 10)
@@ -181,11 +183,9 @@ async def test_unverified_flag_does_not_turn_off_frame_checks_of_a_checksummed_l
 
 async def test_insecure_skip_verify_checks_a_full_chain_layer_and_passes_only_chainless_ones(tmp_path: Path):
     desc, _table, _raw, swapped = swapped_frames_blob()
-    cfg = daemon.MountConfig(ref="x", mountpoint="/nowhere", insecure_skip_verify=True)
+    settings = ReadSettings(insecure_skip_verify=True)
     with ChunkCache(tmp_path / "cache") as cache:
-        opened = await daemon._open_layer(
-            cfg, 0, desc.to_dict(), MemorySource(swapped), cache, trio.CapacityLimiter(2), layer.Demand(), layer.LinkEstimate()
-        )
+        opened = await open_layer(0, desc.to_dict(), MemorySource(swapped), cache, settings, FetchContext())
         assert opened is not None
         lay, _ = opened
         assert lay.verified is True
@@ -195,11 +195,8 @@ async def test_insecure_skip_verify_checks_a_full_chain_layer_and_passes_only_ch
     raw = RAW[:50_000]
     blob = make_blob(raw, 4096)
     del blob.descriptor["annotations"][seekable.ANNOTATION_CHUNK_DIGEST]
-    cfg = daemon.MountConfig(ref="x", mountpoint="/nowhere", insecure_skip_verify=True)
     with ChunkCache(tmp_path / "cache") as cache:
-        opened = await daemon._open_layer(
-            cfg, 0, blob.descriptor, MemorySource(blob.data), cache, trio.CapacityLimiter(2), layer.Demand(), layer.LinkEstimate()
-        )
+        opened = await open_layer(0, blob.descriptor, MemorySource(blob.data), cache, settings, FetchContext())
         assert opened is not None
         lay, _ = opened
         assert lay.verified is False
@@ -279,9 +276,11 @@ async def test_decoded_frames_in_flight_stay_within_the_budget(tmp_path: Path, m
             now -= 1
 
     monkeypatch.setattr(seekable, "decode_frame", slow_decode)
-    budget = layer.DecodeBudget(2 * chunk)
+    budget = fetch.DecodeBudget(2 * chunk)
+    context = FetchContext(limiter=trio.CapacityLimiter(8), decode_budget=budget)
     with ChunkCache(tmp_path / "cache", memory_bytes=0) as cache:
-        lay = SeekableLayer("t", desc, table, MemorySource(blob.data), cache, limiter=trio.CapacityLimiter(8), budget=budget)
+        source = context.counted(MemorySource(blob.data))
+        lay = SeekableFile("t", desc, table, source, cache, ReadSettings(), context)
         results: dict[int, bytes] = {}
 
         async def read(i: int) -> None:
@@ -303,10 +302,12 @@ async def test_four_reads_of_max_size_frames_hold_at_most_the_default_budget(tmp
     blob = make_blob(b"", chunk, frames=[frame] * 4, declared_size=4 * chunk)
     desc = seekable.parse_descriptor(blob.descriptor)
     table = seekable.read_chunk_table(blob.data[blob.table_offset :], desc)
-    budget = layer.decode_budget()
-    assert budget.limit == layer.DEFAULT_DECODE_BUDGET <= 128 << 20
+    context = FetchContext()  # the daemon's defaults
+    budget = context.decode_budget
+    assert budget.limit == fetch.DEFAULT_DECODE_BUDGET <= 128 << 20
     with ChunkCache(tmp_path / "cache", memory_bytes=0) as cache:
-        lay = SeekableLayer("t", desc, table, MemorySource(blob.data), cache, limiter=trio.CapacityLimiter(4))
+        source = context.counted(MemorySource(blob.data))
+        lay = SeekableFile("t", desc, table, source, cache, ReadSettings(), context)
 
         async def read(i: int) -> None:
             assert await lay.read(i * chunk + 7, 3) == bytes(3)
@@ -314,7 +315,7 @@ async def test_four_reads_of_max_size_frames_hold_at_most_the_default_budget(tmp
         async with trio.open_nursery() as nursery:
             for i in range(4):
                 nursery.start_soon(read, i)
-    assert budget.peak <= layer.DEFAULT_DECODE_BUDGET
+    assert budget.peak <= fetch.DEFAULT_DECODE_BUDGET
     assert budget.peak // chunk <= 2
 
 
@@ -393,10 +394,11 @@ def test_chunk_table_over_64_mib_is_refused_naming_the_layer():
 async def test_chunk_tables_of_one_mount_are_capped_together(tmp_path: Path):
     frame, desc = synthetic_table(50_000)
     table = seekable.read_chunk_table(frame, desc)
-    limit = 3 * table.nbytes
+    tables = fetch.TableBudget(3 * table.nbytes)
     for i in range(3):
-        layer.charge_table(f"layer {i}", table, limit=limit)
+        tables.charge(f"layer {i}", table)
     with pytest.raises(FormatError, match=r"layer 3: chunk table .* over the limit"):
-        layer.charge_table("layer 3", table, limit=limit)
-    assert layer.MAX_MOUNT_TABLE_BYTES <= 256 << 20
+        tables.charge("layer 3", table)
+    assert fetch.MAX_MOUNT_TABLE_BYTES <= 256 << 20
+    assert FetchContext().tables.limit == fetch.MAX_MOUNT_TABLE_BYTES
 

@@ -19,7 +19,7 @@ from support.mount import Mounter, lazyerofs
 from support.registry import layer_descriptor
 
 from lazyfs.format import seekable
-from lazyfs.oci.client import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, RegistryClient, parse_reference
+from lazyfs.oci import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, RegistryClient, parse_reference
 
 pytestmark = pytest.mark.e2e
 

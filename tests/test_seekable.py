@@ -16,6 +16,7 @@ from support.blobtools import make_blob, stream_frame
 
 from lazyfs.errors import FormatError, IntegrityError
 from lazyfs.format import seekable
+from lazyfs.format.encode import encode_image
 from lazyfs.produce.mkfs import is_erofs_image, make_erofs
 
 TABLE_OFFSET = seekable.ANNOTATION_TABLE_OFFSET
@@ -59,7 +60,7 @@ def erofs_image(tmp_path: Path) -> Path:
 
 def test_blob_decompresses_with_plain_zstd_cli_to_the_exact_image(tmp_path: Path, erofs_image: Path):
     blob = tmp_path / "layer.blob"
-    result = seekable.encode_image(erofs_image, blob, chunk_size=1 << 20)
+    result = encode_image(erofs_image, blob, chunk_size=1 << 20)
     out = tmp_path / "out.erofs"
     subprocess.run(["zstd", "-d", "-q", "-f", str(blob), "-o", str(out)], check=True)
     assert out.read_bytes() == erofs_image.read_bytes()
@@ -71,7 +72,7 @@ def test_blob_decompresses_with_plain_zstd_cli_to_the_exact_image(tmp_path: Path
 
 def test_encoder_output_decodes_frame_by_frame(tmp_path: Path, erofs_image: Path):
     blob = tmp_path / "layer.blob"
-    result = seekable.encode_image(erofs_image, blob, chunk_size=300_000)
+    result = encode_image(erofs_image, blob, chunk_size=300_000)
     assert decode_all(blob.read_bytes(), result.descriptor) == erofs_image.read_bytes()
     assert result.frame_count == -(-erofs_image.stat().st_size // 300_000)
 
@@ -278,7 +279,7 @@ def test_frame_with_trailing_garbage_is_refused():
 def test_encoder_round_trips_random_images(tmp_path_factory, raw: bytes, chunk_size: int):
     d = tmp_path_factory.mktemp("rt")
     (d / "img").write_bytes(raw)
-    result = seekable.encode_image(d / "img", d / "blob", chunk_size=chunk_size, workers=2)
+    result = encode_image(d / "img", d / "blob", chunk_size=chunk_size, workers=2)
     data = (d / "blob").read_bytes()
     assert decode_all(data, result.descriptor) == raw
     # and the independent encoder's blob of the same image decodes the same
@@ -296,7 +297,7 @@ def test_encoder_holds_memory_bounded_for_a_large_image(tmp_path: Path):
         f.seek(512 << 20)
         f.write(os.urandom(1 << 20))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = seekable.encode_image(image, tmp_path / "big.blob", chunk_size=4 << 20)
+    result = encode_image(image, tmp_path / "big.blob", chunk_size=4 << 20)
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert result.uncompressed_size == 1 << 30
     assert grown_kib < 200 * 1024, f"encoder grew RSS by {grown_kib} KiB for a 1 GiB image"
@@ -314,7 +315,7 @@ def test_insecure_mode_accepts_hash_algo_none_but_still_checks_the_table_digest(
 def test_encoder_reports_progress_up_to_the_whole_image(tmp_path: Path):
     (tmp_path / "img").write_bytes(sample_raw(50_000))
     seen: list[tuple[int, int]] = []
-    seekable.encode_image(tmp_path / "img", tmp_path / "blob", chunk_size=7_000, progress=lambda d, t: seen.append((d, t)))
+    encode_image(tmp_path / "img", tmp_path / "blob", chunk_size=7_000, progress=lambda d, t: seen.append((d, t)))
     assert len(seen) == 8
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert seen[-1] == (50_000, 50_000)

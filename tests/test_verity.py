@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lazyfs.errors import FormatError, IntegrityError
-from lazyfs.format import verity
+from lazyfs.format import verity, verity_build
 from lazyfs.produce.mkfs import make_erofs
 
 UUID = bytes(range(16))
@@ -53,7 +53,7 @@ def root_of(output: str) -> str:
 
 def build(data: bytes, **kw) -> tuple[bytes, str]:
     kw.setdefault("uuid", UUID)
-    return verity.build_payload(io.BytesIO(data), len(data), **kw)
+    return verity_build.build_payload(io.BytesIO(data), len(data), **kw)
 
 
 def materialize(path: Path, image: bytes, payload: bytes, block_size: int = K) -> int:
@@ -134,11 +134,11 @@ def test_veritysetup_payload_parses_and_verifies_with_hashtree(tmp_path: Path):
     tree = verity.HashTree.from_superblock(theirs[:K], root, image_size=len(data))
     assert tree.payload_size == len(theirs)
     tree.verify_blocks(blocks_of(theirs, K))
-    assert verity.verify_image(io.BytesIO(data), len(data), theirs, root) == []
+    assert verity_build.verify_image(io.BytesIO(data), len(data), theirs, root) == []
 
 
 def test_materialized_erofs_layer_passes_veritysetup_verify(tmp_path: Path, erofs_image: bytes):
-    payload, root = verity.build_payload(io.BytesIO(erofs_image), len(erofs_image))
+    payload, root = verity_build.build_payload(io.BytesIO(erofs_image), len(erofs_image))
     layer = tmp_path / "layer.erofs"
     off = materialize(layer, erofs_image, payload)
     assert off % K == 0 and off >= len(erofs_image)
@@ -146,7 +146,7 @@ def test_materialized_erofs_layer_passes_veritysetup_verify(tmp_path: Path, erof
     tree = verity.HashTree.from_superblock(payload[:K], root, image_size=len(erofs_image))
     tree.verify_blocks(blocks_of(payload, K))
     assert (
-        verity.verify_image(io.BytesIO(erofs_image), len(erofs_image), io.BytesIO(payload), root)
+        verity_build.verify_image(io.BytesIO(erofs_image), len(erofs_image), io.BytesIO(payload), root)
         == []
     )
     meta = json.loads(verity.sidecar_json(root, off))
@@ -170,7 +170,7 @@ def test_one_block_image_has_no_tree_and_veritysetup_agrees(tmp_path: Path):
     tree.verify_data_block(0, data, b"")
     with pytest.raises(IntegrityError, match="data block 0"):
         tree.verify_data_block(0, b"tiny imagE", b"")
-    assert verity.verify_image(io.BytesIO(b"tiny imagE"), len(data), payload, root) == [0]
+    assert verity_build.verify_image(io.BytesIO(b"tiny imagE"), len(data), payload, root) == [0]
 
 
 # -- tampering -----------------------------------------------------------------
@@ -190,7 +190,7 @@ def test_tampered_tree_block_is_refused_by_verify_blocks_and_veritysetup(tmp_pat
         with pytest.raises(IntegrityError, match=f"block {victim} "):
             tree.verify_blocks({b: bytes(bad[b * K : (b + 1) * K]) for b in needed})
         with pytest.raises(IntegrityError):
-            verity.verify_image(io.BytesIO(data), len(data), bytes(bad), root)
+            verity_build.verify_image(io.BytesIO(data), len(data), bytes(bad), root)
         layer = tmp_path / "layer.erofs"
         off = materialize(layer, data, bytes(bad))
         assert (
@@ -246,12 +246,12 @@ def test_missing_ancestor_is_refused_not_trusted():
 
 
 def test_tampered_data_blocks_are_found_by_verify_image(tmp_path: Path, erofs_image: bytes):
-    payload, root = verity.build_payload(io.BytesIO(erofs_image), len(erofs_image))
+    payload, root = verity_build.build_payload(io.BytesIO(erofs_image), len(erofs_image))
     bad = bytearray(erofs_image)
     victims = [0, 17, len(erofs_image) // K - 1]
     for v in victims:
         bad[v * K + 5] ^= 0xFF
-    assert verity.verify_image(io.BytesIO(bytes(bad)), len(bad), payload, root) == victims
+    assert verity_build.verify_image(io.BytesIO(bytes(bad)), len(bad), payload, root) == victims
     layer = tmp_path / "layer.erofs"
     off = materialize(layer, bytes(bad), payload)
     assert (
@@ -346,7 +346,7 @@ def test_blocks_needed_is_closed_under_parents_and_verifies(
         if b > 0 and (p := tree.parent(b)) is not None:
             assert p in needed
     tree.verify_blocks({b: payload[b * 512 : (b + 1) * 512] for b in needed})
-    assert verity.verify_image(io.BytesIO(data), size, payload, root) == []
+    assert verity_build.verify_image(io.BytesIO(data), size, payload, root) == []
 
 
 # -- malformed superblocks -------------------------------------------------------
@@ -423,8 +423,8 @@ def test_superblock_round_trips_and_validates_on_construction():
 
 def test_build_defaults_match_containerd_no_salt_random_uuid():
     data = random.Random(14).randbytes(3 * K)
-    a, root_a = verity.build_payload(io.BytesIO(data), len(data))
-    b, root_b = verity.build_payload(io.BytesIO(data), len(data))
+    a, root_a = verity_build.build_payload(io.BytesIO(data), len(data))
+    b, root_b = verity_build.build_payload(io.BytesIO(data), len(data))
     sa, sb = verity.Superblock.parse(a), verity.Superblock.parse(b)
     assert root_a == root_b  # the UUID is not hashed
     assert sa.uuid != sb.uuid and uuid_mod.UUID(bytes=sa.uuid).version == 4
@@ -434,21 +434,21 @@ def test_build_defaults_match_containerd_no_salt_random_uuid():
 def test_build_reads_only_data_size_and_refuses_a_short_image():
     data = random.Random(15).randbytes(5 * K)
     stream = io.BytesIO(data + b"trailing junk")
-    payload, root = verity.build_payload(stream, len(data), uuid=UUID)
+    payload, root = verity_build.build_payload(stream, len(data), uuid=UUID)
     assert (payload, root) == build(data)
     with pytest.raises(FormatError, match="image ended after"):
-        verity.build_payload(io.BytesIO(data[:-1]), len(data))
+        verity_build.build_payload(io.BytesIO(data[:-1]), len(data))
     with pytest.raises(FormatError, match="must be positive"):
-        verity.build_payload(io.BytesIO(b""), 0)
+        verity_build.build_payload(io.BytesIO(b""), 0)
     with pytest.raises(FormatError, match="data_block_size"):
-        verity.build_payload(io.BytesIO(data), len(data), block_size=1000)
+        verity_build.build_payload(io.BytesIO(data), len(data), block_size=1000)
 
 
 def test_verify_image_refuses_a_short_payload():
     data = random.Random(16).randbytes(100 * K)
     payload, root = build(data)
     with pytest.raises(FormatError, match="tree needs"):
-        verity.verify_image(io.BytesIO(data), len(data), payload[:-K], root)
+        verity_build.verify_image(io.BytesIO(data), len(data), payload[:-K], root)
 
 
 # -- materialized layout helpers -------------------------------------------------

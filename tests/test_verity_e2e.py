@@ -17,6 +17,7 @@ import pytest
 from support.mount import Mounter, lazyerofs, make_tree
 
 from lazyfs.format import seekable
+from lazyfs.format.encode import encode_image, skippable_frame
 from lazyfs.produce.mkfs import make_erofs
 
 pytestmark = [
@@ -46,7 +47,7 @@ def blob_with_veritysetup_tree(tmp: Path, image: Path) -> Path:
     """A seekable blob whose verity payload was made by ``veritysetup format``
     (no salt, sha512, 4 KiB blocks, as containerd's converter does)."""
     blob = tmp / "vs.blob"
-    result = seekable.encode_image(image, blob, chunk_size=64 << 10)
+    result = encode_image(image, blob, chunk_size=64 << 10)
     hashfile = tmp / "vs.hash"
     proc = subprocess.run(
         ["veritysetup", "format", "--hash", "sha512", "--data-block-size", "4096", "--hash-block-size", "4096",
@@ -58,7 +59,7 @@ def blob_with_veritysetup_tree(tmp: Path, image: Path) -> Path:
     payload = hashfile.read_bytes()
     data = blob.read_bytes()
     verity_offset = len(data)
-    data += seekable.skippable_frame(payload, magic=0x184D2A5B)
+    data += skippable_frame(payload, magic=0x184D2A5B)
     blob.write_bytes(data)
     desc = dict(result.descriptor)
     desc["annotations"] = dict(desc["annotations"])

@@ -1,6 +1,6 @@
 """A dm-verity layer served lazily: containerd's materialized single-file layout.
 
-Served from memory through the real SeekableLayer + VerityTail, checked with
+Served from memory through the real SeekableFile + VerityTail, checked with
 the userspace ``veritysetup verify``. The FUSE path is in test_verity_e2e.py.
 """
 
@@ -19,36 +19,37 @@ from test_layer import MemorySource
 
 from cache import ChunkCache
 from lazyfs.errors import FormatError, IntegrityError
-from lazyfs.fetch.files import SeekableLayer
-from lazyfs.fetch.verity_tail import open_verity_tail
+from lazyfs.fetch import FetchContext, ReadSettings, SeekableFile, open_verity_tail
 from lazyfs.format import seekable
+from lazyfs.format.encode import EncodeResult, encode_image
 from lazyfs.produce.mkfs import make_erofs
 
 
 @pytest.fixture
-def verity_blob(tmp_path: Path) -> tuple[bytes, bytes, seekable.EncodeResult]:
+def verity_blob(tmp_path: Path) -> tuple[bytes, bytes, EncodeResult]:
     src = tmp_path / "src"
     src.mkdir()
     (src / "data").write_bytes(os.urandom(1_500_000))
     (src / "text").write_text("verity\n" * 50_000)
     make_erofs(src, tmp_path / "img")
-    result = seekable.encode_image(tmp_path / "img", tmp_path / "blob", chunk_size=256 << 10, dm_verity=True)
+    result = encode_image(tmp_path / "img", tmp_path / "blob", chunk_size=256 << 10, dm_verity=True)
     return (tmp_path / "img").read_bytes(), (tmp_path / "blob").read_bytes(), result
 
 
-async def open_layer(tmp_path: Path, blob: bytes, descriptor: dict) -> tuple[SeekableLayer, bytes, MemorySource]:
+async def open_layer(tmp_path: Path, blob: bytes, descriptor: dict) -> tuple[SeekableFile, bytes, MemorySource]:
     desc = seekable.parse_descriptor(descriptor)
     assert desc.table_offset is not None
     table = seekable.read_chunk_table(blob[desc.table_offset : desc.table_end], desc)
     source = MemorySource(blob)
-    limiter = trio.CapacityLimiter(2)
+    context = FetchContext(limiter=trio.CapacityLimiter(2))
+    counted = context.counted(source)
     cache = ChunkCache(tmp_path / "cache")
-    tail, sidecar = await open_verity_tail("v", desc, table.uncompressed_size, source)
-    layer = SeekableLayer("v", desc, table, source, cache, limiter=limiter, verity=tail)
+    tail, sidecar = await open_verity_tail("v", desc, table.uncompressed_size, counted)
+    layer = SeekableFile("v", desc, table, counted, cache, ReadSettings(), context, verity=tail)
     return layer, sidecar, source
 
 
-def materialized(raw: bytes, blob: bytes, result: seekable.EncodeResult) -> bytes:
+def materialized(raw: bytes, blob: bytes, result: EncodeResult) -> bytes:
     desc = seekable.parse_descriptor(result.descriptor)
     assert desc.verity_offset is not None and result.verity_hash_offset is not None
     _, size = struct.unpack_from("<II", blob, desc.verity_offset)

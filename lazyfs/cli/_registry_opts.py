@@ -2,7 +2,7 @@
 
 ``add_registry_options`` may be called on any parser (mount, inspect,
 verify, push); ``options_from_args`` turns the parsed flags back into a
-:class:`lazyfs.oci.client.RegistryOptions`. The password is only ever read
+:class:`lazyfs.oci.RegistryOptions`. The password is only ever read
 from stdin, so it never shows up in ``ps`` or shell history.
 """
 
@@ -13,7 +13,7 @@ import os
 import sys
 
 from lazyfs.errors import AuthError, FormatError
-from lazyfs.oci.client import (
+from lazyfs.oci import (
     DEFAULT_OVERALL_TIMEOUT,
     DEFAULT_RETRIES,
     DEFAULT_TIMEOUT,

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-import zstandard
-
-from lazyfs.errors import FormatError, LazyErofsError
-from lazyfs.format import seekable
-from lazyfs.produce.mkfs import is_erofs_image, make_erofs
+from lazyfs.errors import LazyErofsError
+from lazyfs.format import EncodeResult, seekable
+from lazyfs.produce import build_blob, write_descriptor
 from lazyfs.units import format_size, parse_size
 
 
@@ -60,45 +55,18 @@ def add_encode_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def encode_source(src: str, output: str, args: argparse.Namespace) -> seekable.EncodeResult:
-    """Encode SRC (directory or raw image) to ``output``; shared with ``push``."""
-    path = Path(src)
-    if not path.exists():
-        raise FormatError(f"{src}: no such file or directory")
-    _check_encode_options(args)
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise FormatError(f"{output}: output directory {out_dir} does not exist")
-    if os.path.isdir(output):
-        raise FormatError(f"{output}: is a directory; -o names the blob file to write")
-    opts = dict(
+def encode_source(src: str, output: str, args: argparse.Namespace) -> EncodeResult:
+    """Encode SRC (directory or raw image) to ``output`` with the command's
+    options; shared with ``push``."""
+    return build_blob(
+        src,
+        output,
         chunk_size=args.chunk_size,
         level=args.level,
         dm_verity=args.dm_verity,
         verity_block_size=args.verity_block_size,
         progress=_progress_printer(os.path.basename(output)) if sys.stderr.isatty() else None,
     )
-    if path.is_dir():
-        with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(output))) as tmp:
-            image = os.path.join(tmp, "layer.erofs")
-            make_erofs(path, image)
-            return seekable.encode_image(image, output, **opts)
-    if not is_erofs_image(path):
-        raise FormatError(f"{src}: not a directory and not a raw EROFS image (no superblock magic)")
-    return seekable.encode_image(path, output, **opts)
-
-
-def _check_encode_options(args: argparse.Namespace) -> None:
-    """Refuse values the encoder cannot use, as one clear line rather than a traceback."""
-    if not 0 < args.chunk_size <= seekable.MAX_CHUNK_SIZE:
-        raise FormatError(
-            f"--chunk-size must be between 1 byte and {format_size(seekable.MAX_CHUNK_SIZE)}, "
-            f"not {args.chunk_size}"
-        )
-    # zstd's fastest negative level is -(1 << 17) (ZSTD_minCLevel).
-    lo, hi = -(1 << 17), zstandard.MAX_COMPRESSION_LEVEL
-    if not lo <= args.level <= hi:
-        raise FormatError(f"--level must be between {lo} and {hi}, not {args.level}")
 
 
 def _progress_printer(label: str) -> Callable[[int, int], None]:
@@ -116,31 +84,6 @@ def _progress_printer(label: str) -> Callable[[int, int], None]:
         sys.stderr.flush()
 
     return show
-
-
-def write_descriptor(blob: str, result: seekable.EncodeResult) -> str:
-    """Write ``BLOB.json`` through a fresh temporary file and a rename, so a
-    symlink planted at either name is replaced, never followed."""
-    path = blob + ".json"
-    directory, name = os.path.split(os.path.abspath(path))
-    data = (json.dumps(result.descriptor, indent=2) + "\n").encode()
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    while True:
-        tmp = os.path.join(directory, f".{name}.tmp.{os.urandom(8).hex()}")
-        try:
-            fd = os.open(tmp, flags, 0o644)
-        except FileExistsError:
-            continue
-        break
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def run(args: argparse.Namespace) -> int:

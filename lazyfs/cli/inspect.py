@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
 import sys
 from typing import Any
 
-import trio
-
+from lazyfs.check import inspect_blob, local_blob
 from lazyfs.cli._registry_opts import add_registry_options
-from lazyfs.errors import FormatError, IntegrityError
-from lazyfs.format import seekable
 from lazyfs.units import format_size
 
 
@@ -40,13 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not os.path.exists(args.target):
-        if args.descriptor:
-            raise FormatError(f"{args.target}: no such file")
+    local = local_blob(args.target, args.descriptor)
+    if local is None:
         from lazyfs.cli import inspect_remote
 
         return inspect_remote.run(args)
-    report = inspect_blob(args.target, args.descriptor or args.target + ".json")
+    report = inspect_blob(*local)
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         print()
@@ -57,83 +51,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"lazyerofs: check failed: {err}", file=sys.stderr)
         return 1
     return 0
-
-
-def load_descriptor(path: str) -> dict[str, Any]:
-    try:
-        with open(path) as f:
-            desc = json.load(f)
-    except FileNotFoundError as exc:
-        raise FormatError(f"{path}: descriptor not found (pass --descriptor FILE)") from exc
-    except json.JSONDecodeError as exc:
-        raise FormatError(f"{path}: not valid JSON: {exc}") from exc
-    return desc
-
-
-def _blob_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-def inspect_blob(blob: str, descriptor_path: str) -> dict[str, Any]:
-    """Check every link of the chain of trust of a local blob; collect, don't stop at, frame errors."""
-    name = os.path.basename(blob)
-    desc = seekable.parse_descriptor(load_descriptor(descriptor_path), name=name)
-    size = os.path.getsize(blob)
-    if size != desc.size:
-        raise IntegrityError(f"{name}: blob is {size} bytes, descriptor says {desc.size}")
-    digest = _blob_digest(blob)
-    if digest != desc.digest:
-        raise IntegrityError(f"{name}: blob digest {digest} != descriptor digest {desc.digest}")
-    report: dict[str, Any] = {
-        "blob": blob,
-        "digest": desc.digest,
-        "mediaType": desc.media_type,
-        "size": desc.size,
-        "errors": [],
-    }
-    if not desc.seekable:
-        if desc.media_type != seekable.MEDIA_TYPE_PLAIN:
-            raise FormatError(f"{name}: media type {desc.media_type} is not an EROFS layer")
-        report["uncompressed_size"] = desc.size
-        return report
-    # The frame checks are `lazyerofs verify`'s, run on the local file.
-    from lazyfs.cli.verify import Progress, verify_layer
-    from lazyfs.fetch.source import FileSource
-
-    source = FileSource(blob)
-    try:
-        checked = trio.run(verify_layer, 0, desc.to_dict(), source, Progress(False), name)
-    finally:
-        source.close()
-    table = checked.table
-    assert table is not None
-    report["errors"] = checked.errors
-    frame_errors = dict(zip(checked.bad_frames, checked.errors, strict=False))
-    frames = []
-    for i in range(table.frame_count):
-        start, end = table.span(i)
-        entry = {"index": i, "offset": start, "compressed": end - start, "raw": table.raw_length(i)}
-        if i in frame_errors:
-            entry["error"] = frame_errors[i]
-        frames.append(entry)
-    compressed = table.compressed_size
-    report.update(
-        uncompressed_size=table.uncompressed_size,
-        chunk_size=table.chunk_size,
-        frame_count=table.frame_count,
-        compressed_size=compressed,
-        ratio=round(compressed / table.uncompressed_size, 4) if table.uncompressed_size else 0,
-        table_offset=table.table_offset,
-        chunk_digest=desc.chunk_digest,
-        frames=frames,
-    )
-    if desc.verity_offset is not None:
-        report["dm_verity"] = {"offset": desc.verity_offset, "root_digest": desc.verity_root}
-    return report
 
 
 def print_report(report: dict[str, Any], *, frames: bool) -> None:

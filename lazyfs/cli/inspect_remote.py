@@ -18,7 +18,7 @@ import trio
 from lazyfs.cli._registry_opts import options_from_args
 from lazyfs.errors import LazyErofsError
 from lazyfs.format import seekable
-from lazyfs.oci.client import RegistryClient, parse_reference
+from lazyfs.oci import RegistryClient, parse_reference
 from lazyfs.units import format_size
 
 __all__ = ["inspect_image", "print_report", "run"]

@@ -7,8 +7,8 @@ import math
 
 from lazyfs.cli._registry_opts import add_registry_options, options_from_args
 from lazyfs.errors import MountError
-from lazyfs.fetch.files import DEFAULT_MERGE_BYTES, DEFAULT_READ_TIMEOUT
-from lazyfs.mount.daemon import MountConfig, run_mount
+from lazyfs.fetch import DEFAULT_MERGE_BYTES, DEFAULT_READ_TIMEOUT, FetchAhead, ReadSettings
+from lazyfs.mount import MountConfig, run_mount
 from lazyfs.units import parse_size
 
 
@@ -140,8 +140,8 @@ def _positive_seconds(value: str) -> float:
     return seconds
 
 
-def _fetch_ahead(value: str) -> int:
-    return -1 if value == "auto" else parse_size(value)
+def _fetch_ahead(value: str) -> FetchAhead:
+    return "auto" if value == "auto" else parse_size(value)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,24 +157,26 @@ def run(args: argparse.Namespace) -> int:
         cache_size=args.cache_size,
         memory_cache=args.memory_cache,
         verify_at_rest=args.verify_at_rest,
-        read_timeout=args.read_timeout,
-        merge_bytes=args.merge_size,
-        insecure_skip_verify=args.insecure_skip_verify,
-        strict=args.strict,
+        read=ReadSettings(
+            read_timeout=args.read_timeout,
+            merge_bytes=args.merge_size,
+            fetch_ahead=args.fetch_ahead,
+            prefetch=args.prefetch,
+            insecure_skip_verify=args.insecure_skip_verify,
+            strict=args.strict,
+        ),
         foreground=args.foreground,
         log_file=args.log_file,
         log_level="debug" if args.log_level == "debug" else "info",
         registry=registry_options,
         touch_log=args.touch_log,
-        prefetch=args.prefetch,
         readahead_kb=max(args.readahead // 1024, 4),
-        fetch_ahead=args.fetch_ahead,
         loop=args.loop,
         allow_other=args.allow_other,
         rootfs_allow_suid_dev=args.rootfs_allow_suid_dev,
         nonempty=args.nonempty,
     )
-    if cfg.insecure_skip_verify:
+    if cfg.read.insecure_skip_verify:
         import sys
 
         print(

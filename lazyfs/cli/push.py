@@ -11,12 +11,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import trio
 import zstandard
@@ -24,18 +21,20 @@ import zstandard
 from lazyfs.cli._registry_opts import add_registry_options, options_from_args
 from lazyfs.cli.build import add_encode_options, encode_source
 from lazyfs.errors import FormatError, IntegrityError
-from lazyfs.format import seekable
-from lazyfs.oci.client import (
-    MEDIA_OCI_CONFIG,
-    MEDIA_OCI_MANIFEST,
+from lazyfs.format import load_descriptor, parse_descriptor
+from lazyfs.oci import (
+    ImageLayer,
+    Reference,
     RegistryClient,
+    RegistryOptions,
     default_platform,
     parse_reference,
+    push_image,
 )
 from lazyfs.produce.mkfs import is_erofs_image
 from lazyfs.units import format_size
 
-__all__ = ["Layer", "build_config", "build_manifest", "prepare_layer", "register", "run"]
+__all__ = ["prepare_layer", "register", "run"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -59,16 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-@dataclass(frozen=True)
-class Layer:
-    """One layer ready to upload: blob file, its descriptor and the raw image's diff_id."""
-
-    source: str
-    blob: Path
-    descriptor: dict[str, Any]
-    diff_id: str
-
-
 def _diff_id_of_blob(blob: Path) -> str:
     """sha256 of what the blob decompresses to (skippable frames are skipped)."""
     h = hashlib.sha256()
@@ -87,7 +76,7 @@ def _blob_digest(blob: Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def prepare_layer(src: str, workdir: Path, index: int, args: argparse.Namespace) -> Layer:
+def prepare_layer(src: str, workdir: Path, index: int, args: argparse.Namespace) -> ImageLayer:
     """Encode (or check) SRC into a blob in ``workdir``."""
     path = Path(src)
     if not path.exists():
@@ -98,11 +87,7 @@ def prepare_layer(src: str, workdir: Path, index: int, args: argparse.Namespace)
             raise FormatError(
                 f"{src}: not a directory, not a raw EROFS image, and no {descriptor_file.name} descriptor next to it"
             )
-        try:
-            desc = json.loads(descriptor_file.read_text())
-        except json.JSONDecodeError as exc:
-            raise FormatError(f"{descriptor_file}: not valid JSON: {exc}") from exc
-        parsed = seekable.parse_descriptor(desc, name=src)
+        parsed = parse_descriptor(load_descriptor(descriptor_file), name=src)
         if parsed.size != path.stat().st_size:
             raise IntegrityError(
                 f"{src}: blob is {path.stat().st_size} bytes, {descriptor_file.name} says {parsed.size}"
@@ -112,51 +97,26 @@ def prepare_layer(src: str, workdir: Path, index: int, args: argparse.Namespace)
             raise IntegrityError(
                 f"{src}: blob digest {digest} != descriptor digest {parsed.digest}"
             )
-        return Layer(src, path, parsed.to_dict(), _diff_id_of_blob(path))
+        return ImageLayer(path, parsed.to_dict(), _diff_id_of_blob(path))
     out = workdir / f"layer{index}.blob"
     result = encode_source(src, str(out), args)
-    return Layer(src, out, dict(result.descriptor), result.diff_id)
-
-
-def build_config(layers: list[Layer], platform: str) -> bytes:
-    os_, arch, *variant = platform.split("/")
-    config: dict[str, Any] = {"architecture": arch, "os": os_}
-    if variant:
-        config["variant"] = variant[0]
-    config["rootfs"] = {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]}
-    return json.dumps(config, separators=(",", ":")).encode()
-
-
-def build_manifest(layers: list[Layer], config: bytes) -> bytes:
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": MEDIA_OCI_MANIFEST,
-        "config": {
-            "mediaType": MEDIA_OCI_CONFIG,
-            "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
-            "size": len(config),
-        },
-        "layers": [layer.descriptor for layer in layers],
-    }
-    return json.dumps(manifest, indent=2).encode()
+    return ImageLayer(out, dict(result.descriptor), result.diff_id)
 
 
 async def _push(
-    args: argparse.Namespace, layers: list[Layer], config: bytes, manifest: bytes
+    ref: Reference, options: RegistryOptions, layers: list[ImageLayer], sources: list[str]
 ) -> str:
-    ref = parse_reference(args.ref)
-    async with RegistryClient(options_from_args(args)) as client:
-        for i, layer in enumerate(layers):
-            desc = layer.descriptor
-            uploaded = await client.push_blob(ref, layer.blob, desc["digest"], desc["size"])
-            state = "pushed" if uploaded else "exists"
-            print(
-                f"layer {i}  {desc['digest'][:19]}  {format_size(desc['size']):>10}  {state}  ({layer.source})",
-                file=sys.stderr,
-            )
-        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
-        await client.push_blob(ref, config, config_digest, len(config))
-        return await client.push_manifest(ref, manifest, MEDIA_OCI_MANIFEST)
+    def report(i: int, uploaded: bool) -> None:
+        desc = layers[i].descriptor
+        state = "pushed" if uploaded else "exists"
+        print(
+            f"layer {i}  {desc['digest'][:19]}  {format_size(desc['size']):>10}  {state}  ({sources[i]})",
+            file=sys.stderr,
+        )
+
+    async with RegistryClient(options) as client:
+        platform = options.platform or default_platform()
+        return await push_image(client, ref, layers, platform=platform, on_layer=report)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -164,9 +124,7 @@ def run(args: argparse.Namespace) -> int:
     options = options_from_args(args)
     with tempfile.TemporaryDirectory(prefix="lazyerofs-push-") as tmp:
         layers = [prepare_layer(src, Path(tmp), i, args) for i, src in enumerate(args.sources)]
-        config = build_config(layers, options.platform or default_platform())
-        manifest = build_manifest(layers, config)
-        digest = trio.run(_push, args, layers, config, manifest)
+        digest = trio.run(_push, ref, options, layers, list(args.sources))
     print(f"{ref.name}{':' + ref.tag if ref.tag else ''}@{digest}", file=sys.stderr)
     print(digest)
     return 0

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-from lazyfs.errors import MountError
+from lazyfs.mount import read_stats
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,19 +21,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("mountpoint", metavar="DIR")
     p.set_defaults(func=run)
-
-
-def read_stats(mountpoint: str) -> dict:
-    path = os.path.join(mountpoint, ".lazyerofs", "stats.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError as exc:
-        raise MountError(f"{mountpoint}: not a lazyerofs mount (no {path})") from exc
-    except PermissionError as exc:
-        raise MountError(f"{mountpoint}: permission denied: the mount is root's only unless mounted with --allow-other") from exc
-    except OSError as exc:
-        raise MountError(f"{mountpoint}: cannot read stats: {exc.strerror} (daemon gone? try 'lazyerofs umount')") from exc
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,19 +1,76 @@
-"""Blob sources that are not a registry: a local file (for tests, air-gapped
-use and ``lazyerofs verify`` of a blob on disk)."""
+"""Where a layer's bytes come from, and the one place they are counted.
+
+:class:`BlobSource` is all a layer needs from the network: exact byte ranges
+of one blob (a registry's :class:`lazyfs.oci.RemoteBlob`, or a
+:class:`FileSource` for a blob on disk). :class:`CountingSource` wraps one for
+a layer: every byte fetched for it (chunk table, frames, plain-layer pieces,
+the dm-verity tail) passes through its ``read``, which counts requests and
+bytes in the layer's :class:`LayerStats` and feeds the mount's
+:class:`~lazyfs.fetch.policy.LinkEstimate`.
+"""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import trio
 
 from lazyfs.errors import FetchError
+from lazyfs.fetch.policy import LinkEstimate
 
-__all__ = ["FileSource"]
+__all__ = ["BlobSource", "CountingSource", "FileSource", "LayerStats"]
+
+
+class BlobSource(Protocol):
+    """What a layer needs from the network: exact byte ranges of one blob."""
+
+    @property
+    def size(self) -> int: ...
+
+    async def read(self, offset: int, length: int) -> bytes: ...
+
+
+@dataclass
+class LayerStats:
+    """Counters of one layer; the daemon sums them for ``lazyerofs stats``."""
+
+    bytes_fetched: int = 0
+    requests: int = 0
+    frames_fetched: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    verify_failures: int = 0
+    read_errors: int = 0
+    fetched_frames: set[int] = field(default_factory=set)
+
+
+class CountingSource:
+    """A layer's view of its blob: every request through here is counted
+    (``stats.requests``, ``stats.bytes_fetched``) and timed into ``link``."""
+
+    def __init__(self, source: BlobSource, stats: LayerStats, link: LinkEstimate) -> None:
+        self.source = source
+        self.stats = stats
+        self.link = link
+
+    @property
+    def size(self) -> int:
+        return self.source.size
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.stats.requests += 1
+        started = trio.current_time()
+        data = await self.source.read(offset, length)
+        self.link.observe(len(data), trio.current_time() - started)
+        self.stats.bytes_fetched += len(data)
+        return data
 
 
 class FileSource:
-    """Exact byte ranges of a local blob file, read in a worker thread."""
+    """Exact byte ranges of a local blob file, read in a worker thread (for
+    tests, air-gapped use and ``lazyerofs verify`` of a blob on disk)."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)

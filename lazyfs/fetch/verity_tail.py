@@ -3,31 +3,39 @@
 containerd's differ writes a verity layer as one file:
 ``[raw image][zeros up to the data block size][verity superblock + tree]``.
 This serves the part after the image. Tree blocks are fetched from the
-blob's verity skippable frame only when read, and each is checked along its
-path to the root digest from the (trusted) descriptor before it is served;
-checked blocks are kept in memory (the tree is ~1/64 of the image for
-sha512 and 4 KiB blocks, and only the read part of it is ever held).
+blob's verity skippable frame only when read, through the layer's
+:class:`~lazyfs.fetch.source.CountingSource` (so they show in its stats and
+the link estimate), and each is checked along its path to the root digest
+from the (trusted) descriptor before it is served; blocks that fail are
+refetched once. Checked blocks are kept in memory (the tree is ~1/64 of the
+image for sha512 and 4 KiB blocks, and only the read part of it is ever held).
 """
 
 from __future__ import annotations
 
+import logging
 import struct
-from typing import Any
 
 import trio
 
 from lazyfs.errors import FormatError, IntegrityError
-from lazyfs.format import seekable
+from lazyfs.fetch.source import CountingSource
+from lazyfs.format import seekable, verity
 
 __all__ = ["VerityTail", "open_verity_tail"]
 
+log = logging.getLogger(__name__)
+
 
 class VerityTail:
-    def __init__(self, name: str, tree: Any, image_size: int, hash_offset: int, payload_start: int, source: Any) -> None:
+    """Bytes of the layer file from the image end on: zero pad, then the payload."""
+
+    def __init__(
+        self, name: str, tree: verity.HashTree, hash_offset: int, payload_start: int, source: CountingSource
+    ) -> None:
         self.name = name
         self.tree = tree
-        self.image_size = image_size
-        self.hash_offset = hash_offset
+        self.hash_offset = hash_offset  # file offset of the payload's first byte
         self.payload_start = payload_start  # blob offset of the payload's first byte
         self.source = source
         self.block = tree.hash_block_size
@@ -49,18 +57,33 @@ class VerityTail:
         needed = self.tree.blocks_needed(offset, length)
         async with self._lock:
             missing = [b for b in needed if b not in self._verified]
-            fetched = dict(await self._fetch_blocks(missing))
-            blocks = {b: self._verified.get(b) or fetched[b] for b in needed}
-            self.tree.verify_blocks(blocks)
+            fetched = await self._fetch_blocks(missing)
+            try:
+                blocks = self._check(needed, fetched)
+            except IntegrityError as first_error:
+                # A bad block may be a transport accident: refetch once.
+                self.source.stats.verify_failures += 1
+                log.warning("%s: %s; refetching %d verity blocks once", self.name, first_error, len(missing))
+                fetched = await self._fetch_blocks(missing)
+                try:
+                    blocks = self._check(needed, fetched)
+                except IntegrityError as exc:
+                    self.source.stats.verify_failures += 1
+                    raise IntegrityError(f"{self.name}: {exc}") from exc
             self._verified.update(fetched)
         first, last = offset // self.block, (offset + length - 1) // self.block
         data = b"".join(blocks[b] for b in range(first, last + 1))
         rel = offset - first * self.block
         return data[rel : rel + length]
 
-    async def _fetch_blocks(self, indices: list[int]) -> list[tuple[int, bytes]]:
+    def _check(self, needed: list[int], fetched: dict[int, bytes]) -> dict[int, bytes]:
+        blocks = {b: self._verified.get(b) or fetched[b] for b in needed}
+        self.tree.verify_blocks(blocks)
+        return blocks
+
+    async def _fetch_blocks(self, indices: list[int]) -> dict[int, bytes]:
         """Fetch runs of adjacent blocks in one range each."""
-        out: list[tuple[int, bytes]] = []
+        out: dict[int, bytes] = {}
         runs: list[list[int]] = []
         for b in sorted(indices):
             if runs and runs[-1][-1] == b - 1:
@@ -71,7 +94,7 @@ class VerityTail:
             data = await self.source.read(self.payload_start + run[0] * self.block, len(run) * self.block)
             if len(data) != len(run) * self.block:
                 raise IntegrityError(f"{self.name}: short read of verity blocks {run[0]}-{run[-1]}")
-            out.extend((b, data[k * self.block : (k + 1) * self.block]) for k, b in enumerate(run))
+            out.update((b, data[k * self.block : (k + 1) * self.block]) for k, b in enumerate(run))
         return out
 
 
@@ -79,12 +102,10 @@ async def open_verity_tail(
     name: str,
     desc: seekable.LayerDescriptor,
     image_size: int,
-    source: Any,
+    source: CountingSource,
 ) -> tuple[VerityTail, bytes]:
     """Read the verity superblock block, check it against the descriptor, and
     return the tail plus containerd's sidecar JSON."""
-    from lazyfs.format import verity
-
     assert desc.verity_offset is not None and desc.verity_root is not None
     algo, root_hex = desc.verity_root.split(":", 1)
     head = await source.read(desc.verity_offset, min(8 + verity.DEFAULT_BLOCK_SIZE, desc.size - desc.verity_offset))
@@ -101,5 +122,5 @@ async def open_verity_tail(
     if tree.payload_size > payload_size:
         raise FormatError(f"{name}: verity tree needs {tree.payload_size} bytes, frame holds {payload_size}")
     hash_offset = verity.materialized_hash_offset(image_size, sb.data_block_size)
-    tail = VerityTail(name, tree, image_size, hash_offset, desc.verity_offset + 8, source)
+    tail = VerityTail(name, tree, hash_offset, desc.verity_offset + 8, source)
     return tail, verity.sidecar_json(root_hex, hash_offset)

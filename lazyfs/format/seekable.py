@@ -1,6 +1,6 @@
-"""The seekable EROFS layer format: chunk table, frames, encoder.
+"""The seekable EROFS layer format: descriptor, chunk table, frames.
 
-Pure code: bytes in, bytes out (the encoder streams between two files). The
+Pure code: bytes in, bytes out. The
 chain of trust lives here: a descriptor's ``chunk_digest`` vouches for the
 chunk table, the table's SHA-512 entries vouch for each compressed frame, and
 the table's sizes vouch for each frame's decompressed length.
@@ -13,23 +13,22 @@ Blob layout (all integers little-endian)::
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
 import hashlib
 import itertools
+import json
 import os
 import re
 import struct
 import sys
-import threading
 from array import array
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any
 
 import zstandard
 
 from lazyfs.errors import FormatError, IntegrityError
+from lazyfs.format.digest import check_digest
 
 __all__ = [
     "ANNOTATION_CHUNK_DIGEST",
@@ -44,19 +43,19 @@ __all__ = [
     "MAX_WINDOW_SIZE",
     "MEDIA_TYPE_PLAIN",
     "MEDIA_TYPE_SEEKABLE",
+    "SKIPPABLE_MAGIC_FIRST",
+    "SKIPPABLE_MAGIC_LAST",
     "TABLE_MAGIC",
     "ChunkTable",
-    "EncodeResult",
     "FrameChecksums",
     "LayerDescriptor",
-    "check_digest",
     "decode_frame",
-    "encode_image",
+    "load_descriptor",
     "parse_chunk_table",
     "parse_decimal",
     "parse_descriptor",
     "read_chunk_table",
-    "skippable_frame",
+    "table_read_size",
 ]
 
 MEDIA_TYPE_SEEKABLE = "application/vnd.erofs.layer.v1+zstd"
@@ -95,24 +94,7 @@ _HEADER = struct.Struct("<IIQIBH")  # magic, version, size, chunk_size, algo, re
 _SKIP_HEADER = struct.Struct("<II")
 _ENTRY_OFFSET = struct.Struct("<Q")
 
-_DIGEST_RE = {
-    "sha256": re.compile(r"sha256:[0-9a-f]{64}"),
-    "sha512": re.compile(r"sha512:[0-9a-f]{128}"),
-}
 _DECIMAL_RE = re.compile(r"(0|[1-9][0-9]{0,18})")
-
-
-def check_digest(value: object, *, what: str = "digest", algorithms: tuple[str, ...] = ("sha256", "sha512")) -> str:
-    """Return ``value`` if it is exactly ``sha256:``+64 or ``sha512:``+128 lowercase hex.
-
-    Digests end up in URLs and cache paths, so nothing else gets through.
-    """
-    if isinstance(value, str):
-        algo = value.split(":", 1)[0]
-        if algo in algorithms and _DIGEST_RE[algo].fullmatch(value):
-            return value
-    allowed = " or ".join(f"{a}:<hex>" for a in algorithms)
-    raise FormatError(f"{what} {value!r} is not a valid {allowed} digest")
 
 
 def parse_decimal(value: object, *, what: str) -> int:
@@ -120,13 +102,6 @@ def parse_decimal(value: object, *, what: str) -> int:
     if isinstance(value, str) and _DECIMAL_RE.fullmatch(value):
         return int(value)
     raise FormatError(f"{what} {value!r} is not a plain decimal integer")
-
-
-def skippable_frame(payload: bytes, magic: int = SKIPPABLE_MAGIC_FIRST) -> bytes:
-    """Wrap ``payload`` in a zstd skippable frame (plain decoders pass over it)."""
-    if not SKIPPABLE_MAGIC_FIRST <= magic <= SKIPPABLE_MAGIC_LAST:
-        raise ValueError(f"0x{magic:08x} is not a skippable-frame magic")
-    return _SKIP_HEADER.pack(magic, len(payload)) + payload
 
 
 # --------------------------------------------------------------------------
@@ -212,6 +187,28 @@ def parse_descriptor(desc: Mapping[str, Any], *, name: str = "layer") -> LayerDe
     return LayerDescriptor(
         media_type, digest, size, table_offset, chunk_digest, verity_offset, verity_root, dict(ann)
     )
+
+
+def load_descriptor(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read an OCI descriptor JSON file (``BLOB.json`` next to a blob, or
+    ``--descriptor FILE``) and check it with :func:`parse_descriptor`.
+
+    The one way descriptors are loaded from disk; FormatError names the file.
+    """
+    where = os.fspath(path)
+    try:
+        with open(where, "rb") as f:
+            text = f.read(1 << 20)
+    except FileNotFoundError as exc:
+        raise FormatError(f"{where}: descriptor not found (pass --descriptor FILE)") from exc
+    except OSError as exc:
+        raise FormatError(f"{where}: cannot read descriptor: {exc.strerror}") from exc
+    try:
+        desc = json.loads(text)
+    except ValueError as exc:
+        raise FormatError(f"{where}: descriptor is not valid JSON: {exc}") from exc
+    parse_descriptor(desc, name=where)
+    return desc
 
 
 # --------------------------------------------------------------------------
@@ -481,149 +478,3 @@ def decode_frame(table: ChunkTable, i: int, compressed: bytes, *, name: str = "l
     if len(raw) != expected:
         raise IntegrityError(f"{name}: frame {i} decompressed to {len(raw)} bytes, expected {expected}")
     return raw
-
-
-# --------------------------------------------------------------------------
-# Encoder
-
-
-@dataclass(frozen=True)
-class EncodeResult:
-    """What :func:`encode_image` wrote."""
-
-    descriptor: dict[str, Any]
-    diff_id: str  # sha256 of the raw EROFS image, as containerd records it
-    uncompressed_size: int
-    chunk_size: int
-    frame_count: int
-    verity_root: str | None = None  # hex, no algorithm prefix
-    verity_hash_offset: int | None = None  # of the materialized layout
-
-
-def _read_chunks(src: BinaryIO, chunk_size: int) -> Iterator[bytes]:
-    while True:
-        chunk = src.read(chunk_size)
-        if not chunk:
-            return
-        yield chunk
-
-
-def encode_image(
-    src_path: str | os.PathLike[str],
-    dst_path: str | os.PathLike[str],
-    *,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    level: int = 3,
-    dm_verity: bool = False,
-    verity_block_size: int = 4096,
-    workers: int | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> EncodeResult:
-    """Write the seekable blob of the raw EROFS image at ``src_path``.
-
-    Streams: at most ``2 * workers`` chunks are in memory at once, so a
-    multi-GiB image needs no more than a few chunk sizes of RAM. Frames are
-    compressed in threads (zstd releases the GIL) but written in order.
-    The output is written to a temporary name and renamed on success; that
-    name is random and created exclusively without following symlinks, so
-    nobody who can write the directory can redirect the write elsewhere.
-    ``progress(done_bytes, total_bytes)`` is called after each frame.
-    """
-    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
-        raise ValueError(f"chunk size must be in 1..{MAX_CHUNK_SIZE}, got {chunk_size}")
-    workers = workers or min(4, os.cpu_count() or 1)
-    local = threading.local()  # a ZstdCompressor must not be shared between threads
-    dst_path = os.fspath(dst_path)
-    dst_dir, dst_name = os.path.split(os.path.abspath(dst_path))
-    tmp_path = ""
-    blob_hash = hashlib.sha256()
-    image_hash = hashlib.sha256()
-    offsets: list[int] = []
-    checksums: list[bytes] = []
-    position = 0
-    usize = 0
-
-    def compress(chunk: bytes) -> tuple[bytes, bytes]:
-        if not hasattr(local, "cctx"):
-            local.cctx = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
-        frame = local.cctx.compress(chunk)
-        return frame, hashlib.sha512(frame).digest()
-
-    try:
-        fd = -1
-        while fd < 0:  # O_EXCL: an existing name (a planted symlink too) is never opened
-            candidate = os.path.join(dst_dir, f".{dst_name}.tmp.{os.urandom(8).hex()}")
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            with contextlib.suppress(FileExistsError):
-                fd = os.open(candidate, flags, 0o644)
-                tmp_path = candidate
-        with os.fdopen(fd, "wb") as dst, open(src_path, "rb") as src:
-
-            total = os.fstat(src.fileno()).st_size
-
-            def emit(data: bytes) -> None:
-                nonlocal position
-                dst.write(data)
-                blob_hash.update(data)
-                position += len(data)
-
-            def emit_frame(frame: bytes, digest: bytes) -> None:
-                offsets.append(position)
-                checksums.append(digest)
-                emit(frame)
-                if progress is not None:
-                    progress(min(len(offsets) * chunk_size, total), total)
-
-            with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                pending: list[concurrent.futures.Future[tuple[bytes, bytes]]] = []
-                for chunk in _read_chunks(src, chunk_size):
-                    image_hash.update(chunk)
-                    usize += len(chunk)
-                    pending.append(pool.submit(compress, chunk))
-                    while len(pending) >= 2 * workers or (pending and pending[0].done()):
-                        emit_frame(*pending.pop(0).result())
-                for fut in pending:
-                    emit_frame(*fut.result())
-
-            payload = bytearray(_HEADER.pack(TABLE_MAGIC, TABLE_VERSION, usize, chunk_size, HASH_SHA512, 0))
-            for off, digest in zip(offsets, checksums, strict=True):
-                payload += _ENTRY_OFFSET.pack(off) + digest
-            table_offset = position
-            emit(skippable_frame(bytes(payload)))
-            annotations = {
-                ANNOTATION_TABLE_OFFSET: str(table_offset),
-                ANNOTATION_CHUNK_DIGEST: "sha512:" + hashlib.sha512(payload).hexdigest(),
-            }
-            verity_root = verity_hash_offset = None
-            if dm_verity:
-                from lazyfs.format import verity  # only needed here
-
-                src.seek(0)
-                vpayload, verity_root = verity.build_payload(src, usize, block_size=verity_block_size)
-                annotations[ANNOTATION_VERITY_OFFSET] = str(position)
-                annotations[ANNOTATION_VERITY_ROOT] = f"sha512:{verity_root}"
-                verity_hash_offset = verity.materialized_hash_offset(usize, verity_block_size)
-                emit(skippable_frame(vpayload))
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp_path, dst_path)
-    except BaseException:
-        if tmp_path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp_path)
-        raise
-    descriptor = {
-        "mediaType": MEDIA_TYPE_SEEKABLE,
-        "digest": "sha256:" + blob_hash.hexdigest(),
-        "size": position,
-        "annotations": annotations,
-    }
-    return EncodeResult(
-        descriptor=descriptor,
-        diff_id="sha256:" + image_hash.hexdigest(),
-        uncompressed_size=usize,
-        chunk_size=chunk_size,
-        frame_count=len(offsets),
-        verity_root=verity_root,
-        verity_hash_offset=verity_hash_offset,
-    )

@@ -12,20 +12,9 @@ JSON naming the root hash and the superblock's offset. The kernel (or
 part of that: bytes in, bytes out, no FUSE and no HTTP, so the encoder, the
 lazy reader and ``lazyerofs verify`` share one implementation of the format.
 
-On-disk layout (cryptsetup's "VERITY" superblock, little-endian)::
-
-    0   signature        8   b"verity\\0\\0"
-    8   version          u32 1
-    12  hash_type        u32 1 (0 is the Chrome OS layout, not supported)
-    16  uuid             16
-    32  algorithm        32  NUL-terminated name, e.g. "sha512"
-    64  data_block_size  u32
-    68  hash_block_size  u32
-    72  data_blocks      u64
-    80  salt_size        u16 <= 256
-    82  pad              6   zero
-    88  salt             256 (salt_size used, rest zero)
-    344 pad              168 zero
+The superblock and the materialized layout live in
+:mod:`lazyfs.format.verity_superblock`; building a payload and checking a
+whole image in :mod:`lazyfs.format.verity_build`.
 
 Tree layout (hash_type 1): level 0 holds one digest per data block, level
 ``i+1`` one digest per block of level ``i``, until a level fits in one block.
@@ -46,13 +35,25 @@ defaults of :func:`build_payload`.
 from __future__ import annotations
 
 import hashlib
-import struct
-import uuid as uuid_mod
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from lazyfs.errors import FormatError, IntegrityError
+from lazyfs.format.verity_superblock import (
+    ALGORITHMS,
+    DEFAULT_ALGORITHM,
+    DEFAULT_BLOCK_SIZE,
+    MAX_BLOCK_SIZE,
+    MAX_LEVELS,
+    MAX_SALT_SIZE,
+    MIN_BLOCK_SIZE,
+    SIGNATURE,
+    SUPERBLOCK_SIZE,
+    Superblock,
+    ceil_div,
+    materialized_hash_offset,
+    sidecar_json,
+)
 
 __all__ = [
     "ALGORITHMS",
@@ -65,169 +66,9 @@ __all__ = [
     "SUPERBLOCK_SIZE",
     "HashTree",
     "Superblock",
-    "build_payload",
     "materialized_hash_offset",
     "sidecar_json",
-    "verify_image",
 ]
-
-DEFAULT_BLOCK_SIZE = 4096
-DEFAULT_ALGORITHM = "sha512"
-SUPERBLOCK_SIZE = 512
-SIGNATURE = b"verity\0\0"
-MAX_SALT_SIZE = 256
-# The range cryptsetup and go-dmverity accept (power of two, 512 B .. 512 KiB).
-MIN_BLOCK_SIZE = 512
-MAX_BLOCK_SIZE = 512 * 1024
-# dm-verity's kernel limit on tree depth.
-MAX_LEVELS = 63
-# Digest sizes of the algorithms we can check; all are in hashlib everywhere.
-ALGORITHMS: dict[str, int] = {"sha1": 20, "sha224": 28, "sha256": 32, "sha384": 48, "sha512": 64}
-
-# signature, version, hash_type, uuid, algorithm, data_block_size,
-# hash_block_size, data_blocks, salt_size, pad1, salt, pad2
-_SB = struct.Struct("<8sII16s32sIIQH6s256s168s")
-assert _SB.size == SUPERBLOCK_SIZE
-
-# Streaming reads of the image go in this many bytes at a time.
-_READ_CHUNK = 1 << 20
-
-
-def _is_block_size(value: int) -> bool:
-    return MIN_BLOCK_SIZE <= value <= MAX_BLOCK_SIZE and value & (value - 1) == 0
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-@dataclass(frozen=True)
-class Superblock:
-    """The 512-byte header at the start of a verity payload.
-
-    Constructing one validates every field that has a meaning of its own, so a
-    ``Superblock`` in hand is always one the rest of this module can use;
-    :meth:`parse` adds the checks that only exist on disk (signature, padding).
-    """
-
-    version: int
-    hash_type: int
-    uuid: bytes
-    algorithm: str
-    data_block_size: int
-    hash_block_size: int
-    data_blocks: int
-    salt: bytes
-
-    def __post_init__(self) -> None:
-        if self.version != 1:
-            raise FormatError(f"dm-verity superblock: version {self.version} is not 1")
-        if self.hash_type != 1:
-            raise FormatError(
-                f"dm-verity superblock: hash_type {self.hash_type} is not supported (only 1)"
-            )
-        if len(self.uuid) != 16:
-            raise FormatError(f"dm-verity superblock: uuid is {len(self.uuid)} bytes, not 16")
-        if self.algorithm not in ALGORITHMS:
-            raise FormatError(
-                f"dm-verity superblock: algorithm {self.algorithm!r} is not one of "
-                f"{', '.join(sorted(ALGORITHMS))}"
-            )
-        for name in ("data_block_size", "hash_block_size"):
-            value = getattr(self, name)
-            if not _is_block_size(value):
-                raise FormatError(
-                    f"dm-verity superblock: {name} {value} must be a power of two "
-                    f"from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
-                )
-        if not 0 < self.data_blocks < 1 << 64:
-            raise FormatError(f"dm-verity superblock: data_blocks {self.data_blocks} out of range")
-        if len(self.salt) > MAX_SALT_SIZE:
-            raise FormatError(
-                f"dm-verity superblock: salt_size {len(self.salt)} exceeds {MAX_SALT_SIZE}"
-            )
-
-    @property
-    def digest_size(self) -> int:
-        """Bytes of one digest of :attr:`algorithm`."""
-        return ALGORITHMS[self.algorithm]
-
-    def to_bytes(self) -> bytes:
-        """The 512 on-disk bytes (unused fields zero, as veritysetup writes them)."""
-        return _SB.pack(
-            SIGNATURE,
-            self.version,
-            self.hash_type,
-            self.uuid,
-            self.algorithm.encode("ascii"),
-            self.data_block_size,
-            self.hash_block_size,
-            self.data_blocks,
-            len(self.salt),
-            bytes(6),
-            self.salt,
-            bytes(168),
-        )
-
-    @classmethod
-    def parse(cls, data: bytes) -> Superblock:
-        """Decode and check the first 512 bytes of ``data``.
-
-        Everything here is untrusted until the tree verifies against a root
-        hash from the descriptor, so each field is checked before use and a
-        failure names the field.
-
-        Raises:
-            FormatError: short input, bad signature, an unsupported or
-                inconsistent field, or non-zero padding.
-        """
-        if len(data) < SUPERBLOCK_SIZE:
-            raise FormatError(f"dm-verity superblock: {len(data)} bytes, need {SUPERBLOCK_SIZE}")
-        (
-            signature,
-            version,
-            hash_type,
-            uuid,
-            algorithm_raw,
-            data_block_size,
-            hash_block_size,
-            data_blocks,
-            salt_size,
-            pad1,
-            salt_raw,
-            pad2,
-        ) = _SB.unpack_from(data)
-        if signature != SIGNATURE:
-            raise FormatError(f"dm-verity superblock: signature {signature!r} is not {SIGNATURE!r}")
-        name, nul, rest = algorithm_raw.partition(b"\0")
-        if not nul or rest.strip(b"\0"):
-            raise FormatError(
-                "dm-verity superblock: algorithm name is not NUL-terminated and zero-padded"
-            )
-        try:
-            algorithm = name.decode("ascii")
-        except UnicodeDecodeError:
-            raise FormatError(f"dm-verity superblock: algorithm {name!r} is not ASCII") from None
-        if salt_size > MAX_SALT_SIZE:
-            raise FormatError(
-                f"dm-verity superblock: salt_size {salt_size} exceeds {MAX_SALT_SIZE}"
-            )
-        if salt_raw[salt_size:].strip(b"\0"):
-            raise FormatError(
-                "dm-verity superblock: bytes after the salt (salt padding) are not zero"
-            )
-        if pad1.strip(b"\0") or pad2.strip(b"\0"):
-            raise FormatError("dm-verity superblock: reserved padding is not zero")
-        return cls(
-            version=version,
-            hash_type=hash_type,
-            uuid=uuid,
-            algorithm=algorithm,
-            data_block_size=data_block_size,
-            hash_block_size=hash_block_size,
-            data_blocks=data_blocks,
-            salt=salt_raw[:salt_size],
-        )
 
 
 @dataclass(frozen=True)
@@ -253,7 +94,7 @@ class _Geometry:
         counts: list[int] = []
         n = data_blocks
         while n > 1:
-            n = _ceil_div(n, hash_per_block)
+            n = ceil_div(n, hash_per_block)
             counts.append(n)
         if len(counts) > MAX_LEVELS:
             raise FormatError(f"dm-verity: {len(counts)} tree levels exceed {MAX_LEVELS}")
@@ -306,104 +147,6 @@ class _Hasher:
         h = self._base.copy()
         h.update(block)
         return h.digest()
-
-
-class _LevelWriter:
-    """Packs digests into hash blocks as they arrive (entries padded to the
-    full digest size, blocks padded with zeros), so level 0 is built while
-    the image streams past and never needs a list of digests."""
-
-    def __init__(self, geometry: _Geometry) -> None:
-        self._g = geometry
-        self._entry_pad = bytes(geometry.digest_full - geometry.digest_size)
-        self._block_tail = bytes(
-            geometry.hash_block_size - geometry.hash_per_block * geometry.digest_full
-        )
-        self._in_block = 0
-        self.data = bytearray()
-
-    def add(self, digest: bytes) -> None:
-        self.data += digest
-        self.data += self._entry_pad
-        self._in_block += 1
-        if self._in_block == self._g.hash_per_block:
-            self.data += self._block_tail
-            self._in_block = 0
-
-    def finish(self) -> bytes:
-        rem = len(self.data) % self._g.hash_block_size
-        if rem:
-            self.data += bytes(self._g.hash_block_size - rem)
-        return bytes(self.data)
-
-
-def build_payload(
-    image: BinaryIO,
-    data_size: int,
-    *,
-    block_size: int = DEFAULT_BLOCK_SIZE,
-    algorithm: str = DEFAULT_ALGORITHM,
-    salt: bytes | None = None,
-    uuid: bytes | None = None,
-) -> tuple[bytes, str]:
-    """Build the verity payload for the first ``data_size`` bytes of ``image``.
-
-    The image is read once, front to back, and hashed as it goes; only the
-    tree (about 1/64 of the image for sha512 and 4 KiB blocks) is held. The
-    image is zero-padded to a whole data block, as containerd does before it
-    formats. Data and hash blocks share ``block_size``, as in containerd.
-
-    Args:
-        salt: defaults to no salt (containerd's converter sets none).
-        uuid: 16 bytes; defaults to a random UUID (containerd draws one per
-            layer), so pass one to get reproducible bytes.
-
-    Returns:
-        ``(superblock block + tree, root hash as lowercase hex)``.
-
-    Raises:
-        FormatError: bad parameters, or the image ended before ``data_size``.
-    """
-    if data_size <= 0:
-        raise FormatError(f"dm-verity: image size {data_size} must be positive")
-    sb = Superblock(
-        version=1,
-        hash_type=1,
-        uuid=uuid_mod.uuid4().bytes if uuid is None else bytes(uuid),
-        algorithm=algorithm,
-        data_block_size=block_size,
-        hash_block_size=block_size,
-        data_blocks=_ceil_div(data_size, block_size),
-        salt=b"" if salt is None else bytes(salt),
-    )
-    geometry = _Geometry.of(sb.data_blocks, sb.hash_block_size, sb.digest_size)
-    hasher = _Hasher(sb.algorithm, sb.salt)
-
-    level0 = _LevelWriter(geometry)
-    single: bytes | None = None  # digest of the only block, when there is no tree
-    for block in _padded_blocks(image, data_size, block_size):
-        digest = hasher(block)
-        if geometry.levels:
-            level0.add(digest)
-        else:
-            single = digest
-
-    if not geometry.levels:
-        assert single is not None
-        return sb.to_bytes() + bytes(block_size - SUPERBLOCK_SIZE), single.hex()
-
-    levels = [level0.finish()]
-    for _ in range(1, geometry.levels):
-        below = levels[-1]
-        writer = _LevelWriter(geometry)
-        for off in range(0, len(below), block_size):
-            writer.add(hasher(memoryview(below)[off : off + block_size]))
-        levels.append(writer.finish())
-    assert len(levels[-1]) == block_size
-    root = hasher(levels[-1])
-    payload = b"".join([sb.to_bytes(), bytes(block_size - SUPERBLOCK_SIZE), *reversed(levels)])
-    assert len(payload) == geometry.payload_blocks * block_size
-    return payload, root.hex()
 
 
 def _parse_root(root_hex: str, algorithm: str) -> bytes:
@@ -466,7 +209,7 @@ class HashTree:
             raise FormatError("dm-verity: padding after the superblock is not zero")
         if image_size <= 0:
             raise FormatError(f"dm-verity: image size {image_size} must be positive")
-        want = _ceil_div(image_size, sb.data_block_size)
+        want = ceil_div(image_size, sb.data_block_size)
         if sb.data_blocks != want:
             raise FormatError(
                 f"dm-verity superblock: data_blocks {sb.data_blocks} does not cover the "
@@ -624,87 +367,3 @@ class HashTree:
             expected = bytes(level0_block[off : off + self._g.digest_size])
         if digest != expected:
             raise IntegrityError(f"dm-verity: data block {index} does not match its hash")
-
-
-def verify_image(
-    image: BinaryIO, image_size: int, payload: bytes | BinaryIO, root_hex: str
-) -> list[int]:
-    """Check a whole image against its payload and root hash.
-
-    The tree is checked first (any bad tree block raises, since nothing
-    under it can be judged); then every data block is compared with its
-    level-0 digest, and the bad ones are collected rather than raised, so
-    ``lazyerofs verify`` can report all the damage at once.
-
-    Returns:
-        Indices of data blocks whose digest does not match (empty if clean).
-
-    Raises:
-        FormatError: bad superblock, or a payload shorter than its tree.
-        IntegrityError: a tree block does not verify.
-    """
-    raw = payload if isinstance(payload, bytes | bytearray | memoryview) else payload.read()
-    raw = bytes(raw)
-    sb = Superblock.parse(raw)
-    tree = HashTree.from_superblock(raw[: sb.hash_block_size], root_hex, image_size=image_size)
-    if len(raw) < tree.payload_size:
-        raise FormatError(
-            f"dm-verity: payload is {len(raw)} bytes, its tree needs {tree.payload_size}"
-        )
-    hbs = tree.hash_block_size
-    tree.verify_blocks({i: raw[i * hbs : (i + 1) * hbs] for i in range(tree.payload_size // hbs)})
-
-    bad: list[int] = []
-    dbs = tree.data_block_size
-    for index, block in enumerate(_padded_blocks(image, image_size, dbs)):
-        hash_block = tree.data_hash_block(index)
-        level0 = b"" if hash_block is None else raw[hash_block * hbs : (hash_block + 1) * hbs]
-        try:
-            tree.verify_data_block(index, block, level0)
-        except IntegrityError:
-            bad.append(index)
-    return bad
-
-
-def _padded_blocks(image: BinaryIO, size: int, block_size: int) -> Iterator[bytes]:
-    """The first ``size`` bytes of ``image`` as whole blocks, the last one
-    zero-padded (the tree covers the padded image), read in large pieces so
-    memory stays bounded."""
-    remaining = size
-    pending = bytearray()
-    while remaining > 0:
-        chunk = image.read(min(_READ_CHUNK, remaining))
-        if not chunk:
-            raise FormatError(f"dm-verity: image ended after {size - remaining} of {size} bytes")
-        remaining -= len(chunk)
-        pending += chunk
-        if remaining == 0 and len(pending) % block_size:
-            pending += bytes(block_size - len(pending) % block_size)
-        whole = len(pending) - len(pending) % block_size
-        for off in range(0, whole, block_size):
-            yield bytes(pending[off : off + block_size])
-        del pending[:whole]
-
-
-def materialized_hash_offset(image_size: int, data_block_size: int) -> int:
-    """Where the superblock starts in containerd's materialized
-    ``layer.erofs``: the image size rounded up to a whole data block."""
-    if image_size < 0 or data_block_size <= 0:
-        raise ValueError(f"bad image size {image_size} or block size {data_block_size}")
-    return _ceil_div(image_size, data_block_size) * data_block_size
-
-
-def sidecar_json(root_hex: str, hash_offset: int) -> bytes:
-    """containerd's ``layer.erofs.dmverity`` sidecar, byte for byte.
-
-    containerd marshals ``DmverityMetadata{RootHash string `json:"roothash"`;
-    HashOffset uint64 `json:"hashoffset"`}`` with ``json.MarshalIndent(m, "",
-    "  ")`` and appends a newline; the root hash is plain lowercase hex, which
-    is what go-dmverity's ``ParseRootHash`` decodes at mount time.
-    """
-    root = root_hex.lower()
-    if not root or len(root) % 2 or root.strip("0123456789abcdef"):
-        raise FormatError(f"dm-verity: root hash {root_hex!r} is not hex")
-    if not 0 <= hash_offset < 1 << 64:
-        raise FormatError(f"dm-verity: hash offset {hash_offset} out of range")
-    return f'{{\n  "roothash": "{root}",\n  "hashoffset": {hash_offset}\n}}\n'.encode("ascii")

@@ -17,9 +17,9 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import pyfuse3
 
@@ -35,7 +35,10 @@ ATTR_TIMEOUT = 3600.0
 
 
 class LayerFile(Protocol):
-    size: int
+    """What the tree needs of a layer's file (``lazyfs.fetch.Layer`` is one)."""
+
+    @property
+    def size(self) -> int: ...
 
     async def read(self, offset: int, size: int) -> bytes: ...
 
@@ -70,7 +73,7 @@ class LazyFS(pyfuse3.Operations):
         *,
         manifest: bytes,
         layers: list[tuple[LayerFile, str, bytes | None]],
-        stats: Callable[[], dict[str, Any]],
+        stats: Callable[[], Mapping[str, object]],
     ) -> None:
         """``layers``: (file, blob digest, dm-verity sidecar JSON or None), bottom first."""
         super().__init__()
@@ -93,8 +96,18 @@ class LazyFS(pyfuse3.Operations):
 
     # -- building --------------------------------------------------------------
 
-    def _add(self, inode: int, name: bytes, mode: int, parent: int, **kw: Any) -> _Node:
-        node = _Node(inode, name, mode, parent, **kw)
+    def _add(
+        self,
+        inode: int,
+        name: bytes,
+        mode: int,
+        parent: int,
+        *,
+        data: bytes | None = None,
+        layer: LayerFile | None = None,
+        generate: Callable[[], bytes] | None = None,
+    ) -> _Node:
+        node = _Node(inode, name, mode, parent, data=data, layer=layer, generate=generate)
         self._nodes[inode] = node
         if inode != parent:
             self._nodes[parent].children[name] = inode
@@ -103,8 +116,17 @@ class LazyFS(pyfuse3.Operations):
     def _add_dir(self, parent: _Node, name: bytes) -> _Node:
         return self._add(len(self._nodes) + pyfuse3.ROOT_INODE, name, stat.S_IFDIR | 0o555, parent.inode)
 
-    def _add_file(self, parent: _Node, name: bytes, **kw: Any) -> _Node:
-        return self._add(len(self._nodes) + pyfuse3.ROOT_INODE, name, stat.S_IFREG | 0o444, parent.inode, **kw)
+    def _add_file(
+        self,
+        parent: _Node,
+        name: bytes,
+        *,
+        data: bytes | None = None,
+        layer: LayerFile | None = None,
+        generate: Callable[[], bytes] | None = None,
+    ) -> _Node:
+        inode = len(self._nodes) + pyfuse3.ROOT_INODE
+        return self._add(inode, name, stat.S_IFREG | 0o444, parent.inode, data=data, layer=layer, generate=generate)
 
     def _stats_json(self) -> bytes:
         import json

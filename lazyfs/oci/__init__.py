@@ -1,1 +1,74 @@
-"""The OCI distribution client (being split; see issue 11)."""
+"""The OCI distribution client: references, auth, resolve, blob ranges, push.
+
+Knows nothing of the seekable format: it turns a reference into a checked
+manifest and a descriptor into a :class:`RemoteBlob` whose ``read`` returns
+exactly the bytes asked for or raises one of :mod:`lazyfs.errors`.
+
+    reference.py    image references (``[registry/]repo[:tag][@digest]``), loopback hosts
+    media.py        media types, descriptors, platforms (``os/arch[/variant]``)
+    transport.py    RegistryOptions; retries with backoff, deadlines: the one place
+                    httpx errors become ours; status mapping; safe URLs; HTTP loggers
+    credentials.py  Secret, Credentials, docker's config.json
+    auth.py         challenges, TokenCache, AuthSession, RegistryAuth (an httpx.Auth)
+    client.py       RegistryClient: resolve (index -> platform), config, blob readers,
+                    push; open_url_blob
+    blob.py         RemoteBlob: ranges, redirects, Content-Range
+    push.py         uploads (monolithic, chunked), manifests, whole images
+
+Code outside this package imports from here only.
+"""
+
+from lazyfs.oci.auth import parse_challenges
+from lazyfs.oci.blob import RemoteBlob
+from lazyfs.oci.client import RegistryClient, ResolvedImage, open_url_blob
+from lazyfs.oci.credentials import Credentials, Secret, load_docker_credentials
+from lazyfs.oci.media import (
+    MEDIA_DOCKER_MANIFEST,
+    MEDIA_DOCKER_MANIFEST_LIST,
+    MEDIA_OCI_CONFIG,
+    MEDIA_OCI_INDEX,
+    MEDIA_OCI_MANIFEST,
+    default_platform,
+)
+from lazyfs.oci.push import ImageLayer, image_config, image_manifest, push_image
+from lazyfs.oci.reference import Reference, is_loopback_host, parse_reference
+from lazyfs.oci.transport import (
+    DEBUG_HTTP_ENV,
+    DEFAULT_OVERALL_TIMEOUT,
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    BlobStatistics,
+    RegistryOptions,
+    quiet_library_loggers,
+)
+
+__all__ = [
+    "DEBUG_HTTP_ENV",
+    "DEFAULT_OVERALL_TIMEOUT",
+    "DEFAULT_RETRIES",
+    "DEFAULT_TIMEOUT",
+    "MEDIA_DOCKER_MANIFEST",
+    "MEDIA_DOCKER_MANIFEST_LIST",
+    "MEDIA_OCI_CONFIG",
+    "MEDIA_OCI_INDEX",
+    "MEDIA_OCI_MANIFEST",
+    "BlobStatistics",
+    "Credentials",
+    "ImageLayer",
+    "Reference",
+    "RegistryClient",
+    "RegistryOptions",
+    "RemoteBlob",
+    "ResolvedImage",
+    "Secret",
+    "default_platform",
+    "image_config",
+    "image_manifest",
+    "is_loopback_host",
+    "load_docker_credentials",
+    "open_url_blob",
+    "parse_challenges",
+    "parse_reference",
+    "push_image",
+    "quiet_library_loggers",
+]

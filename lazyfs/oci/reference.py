@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from lazyfs.errors import FormatError
-from lazyfs.format.seekable import check_digest
+from lazyfs.format.digest import check_digest
 
 __all__ = [
     "DOCKER_HUB",

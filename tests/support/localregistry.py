@@ -18,7 +18,7 @@ from types import TracebackType
 import httpx
 
 from lazyfs.errors import LazyErofsError
-from lazyfs.format.seekable import check_digest
+from lazyfs.format.digest import check_digest
 
 __all__ = ["LocalRegistry", "free_port"]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from lazyfs.mount import kernel as kmount
-from lazyfs.mount.daemon import state_dir
+from lazyfs.mount import state_dir
 
 LAZYEROFS = str(Path(sys.executable).parent / "lazyerofs")
 

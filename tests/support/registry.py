@@ -35,7 +35,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from lazyfs.oci.client import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, Reference, RegistryClient
+from lazyfs.oci import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, Reference, RegistryClient
 from support.localregistry import LocalRegistry
 from support.netproxy import NetProxy
 

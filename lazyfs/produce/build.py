@@ -1,0 +1,94 @@
+"""``lazyerofs build`` as a library: a directory or raw EROFS image in, a
+seekable blob and its ``BLOB.json`` descriptor out."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import zstandard
+
+from lazyfs.errors import FormatError
+from lazyfs.format import MAX_CHUNK_SIZE, EncodeResult, encode_image
+from lazyfs.produce.mkfs import is_erofs_image, make_erofs
+from lazyfs.units import format_size
+
+__all__ = ["build_blob", "write_descriptor"]
+
+
+def build_blob(
+    src: str | os.PathLike[str],
+    output: str,
+    *,
+    chunk_size: int,
+    level: int = 3,
+    dm_verity: bool = False,
+    verity_block_size: int = 4096,
+    progress: Callable[[int, int], None] | None = None,
+) -> EncodeResult:
+    """Encode SRC (a directory, through mkfs.erofs, or a raw EROFS image) to ``output``."""
+    path = Path(src)
+    if not path.exists():
+        raise FormatError(f"{src}: no such file or directory")
+    _check_options(chunk_size, level)
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise FormatError(f"{output}: output directory {out_dir} does not exist")
+    if os.path.isdir(output):
+        raise FormatError(f"{output}: is a directory; -o names the blob file to write")
+    opts = dict(
+        chunk_size=chunk_size,
+        level=level,
+        dm_verity=dm_verity,
+        verity_block_size=verity_block_size,
+        progress=progress,
+    )
+    if path.is_dir():
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            image = os.path.join(tmp, "layer.erofs")
+            make_erofs(path, image)
+            return encode_image(image, output, **opts)
+    if not is_erofs_image(path):
+        raise FormatError(f"{src}: not a directory and not a raw EROFS image (no superblock magic)")
+    return encode_image(path, output, **opts)
+
+
+def _check_options(chunk_size: int, level: int) -> None:
+    """Refuse values the encoder cannot use, as one clear line rather than a traceback."""
+    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+        raise FormatError(
+            f"--chunk-size must be between 1 byte and {format_size(MAX_CHUNK_SIZE)}, not {chunk_size}"
+        )
+    # zstd's fastest negative level is -(1 << 17) (ZSTD_minCLevel).
+    lo, hi = -(1 << 17), zstandard.MAX_COMPRESSION_LEVEL
+    if not lo <= level <= hi:
+        raise FormatError(f"--level must be between {lo} and {hi}, not {level}")
+
+
+def write_descriptor(blob: str, result: EncodeResult) -> str:
+    """Write ``BLOB.json`` through a fresh temporary file and a rename, so a
+    symlink planted at either name is replaced, never followed."""
+    path = blob + ".json"
+    directory, name = os.path.split(os.path.abspath(path))
+    data = (json.dumps(result.descriptor, indent=2) + "\n").encode()
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        tmp = os.path.join(directory, f".{name}.tmp.{os.urandom(8).hex()}")
+        try:
+            fd = os.open(tmp, flags, 0o644)
+        except FileExistsError:
+            continue
+        break
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path

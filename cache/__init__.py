@@ -15,18 +15,19 @@ The directory must belong to the user running the cache and be writable by
 no one else (``CacheError`` otherwise): entries are only as trustworthy as
 the directory that holds them.
 
-The implementation lives in private modules; this is the whole public surface.
+The implementation lives in private modules; this is the whole public surface:
+
+    _store.py   ChunkCache: the memory LRU, counters, when to scan
+    _entry.py   one entry on disk: header, read (judging damage), write-then-rename
+    _dirs.py    the directory handles, and whether to trust them (owner, mode, no links)
+    _evict.py   scanning the directory, LRU eviction, stale temp files
+    _sizes.py   human sizes and the default cache location
 """
 
+from cache._dirs import CacheError
+from cache._evict import CacheEntry
 from cache._sizes import default_cache_dir, format_size, parse_size
-from cache._store import (
-    DEFAULT_MAX_BYTES,
-    DEFAULT_MEMORY_BYTES,
-    CacheEntry,
-    CacheError,
-    CacheStatistics,
-    ChunkCache,
-)
+from cache._store import DEFAULT_MAX_BYTES, DEFAULT_MEMORY_BYTES, CacheStatistics, ChunkCache
 
 __all__ = [
     "DEFAULT_MAX_BYTES",

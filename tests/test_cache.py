@@ -26,7 +26,7 @@ from cache import (
     format_size,
     parse_size,
 )
-from cache._store import HEADER_SIZE
+from cache._entry import HEADER_SIZE
 
 
 def key_of(data: bytes) -> bytes:
@@ -235,7 +235,7 @@ def test_eviction_order_is_lru_and_get_refreshes(
     """A get (from disk, or from memory via the batched atime refresh) makes
     an entry the youngest, so the next eviction takes the one after it."""
     # Disk hits refresh recency at one-second grain; this test runs faster.
-    monkeypatch.setattr("cache._store._TOUCH_GRANULARITY_NS", 0)
+    monkeypatch.setattr("cache._entry.TOUCH_GRANULARITY_NS", 0)
     size = 10_000
     entry = HEADER_SIZE + size
     # 3 entries fit, a 4th pushes over; eviction frees down to 90%: one goes.

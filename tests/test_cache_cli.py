@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from cache import ChunkCache
-from cache._store import HEADER_SIZE
+from cache._entry import HEADER_SIZE
 from lazyfs.cli import main
 
 MiB = 1 << 20

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cache import CacheError, ChunkCache
-from cache._store import HEADER_SIZE
+from cache._entry import HEADER_SIZE
 from lazyfs.cli import main
 
 NOBODY = 65534

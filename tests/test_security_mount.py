@@ -23,14 +23,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import trio
 from support.blobtools import make_blob
 from support.mount import LAZYEROFS, Mounter, force_cleanup, lazyerofs, make_tree
+from support.registry import push_descriptors
 
 from lazyfs.errors import MountError
 from lazyfs.mount import kernel as kmount
 from lazyfs.mount import state as mount_state
-from lazyfs.oci import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, RegistryClient, parse_reference
 from lazyfs.produce.mkfs import make_erofs
 
 pytestmark = pytest.mark.e2e
@@ -110,26 +109,7 @@ def push_trees(registry, tmp: Path, name: str, trees: list[Path]) -> str:
 
 
 def push_blobs(registry, name: str, layers: list[tuple[bytes, dict]]) -> str:
-    """Push blobs under the given descriptors, plus a config and manifest."""
-    ref = parse_reference(f"{registry.host}/test/{name}:v1")
-
-    async def go() -> None:
-        async with RegistryClient() as client:
-            for data, desc in layers:
-                await client.push_blob(ref, data, desc["digest"], len(data))
-            config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
-            config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
-            await client.push_blob(ref, config, config_digest, len(config))
-            manifest = {
-                "schemaVersion": 2,
-                "mediaType": MEDIA_OCI_MANIFEST,
-                "config": {"mediaType": MEDIA_OCI_CONFIG, "digest": config_digest, "size": len(config)},
-                "layers": [desc for _, desc in layers],
-            }
-            await client.push_manifest(ref, json.dumps(manifest).encode(), MEDIA_OCI_MANIFEST)
-
-    trio.run(go)
-    return str(ref)
+    return push_descriptors(registry, name, layers)
 
 
 def hostile_tree(root: Path) -> None:

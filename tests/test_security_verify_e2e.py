@@ -7,19 +7,15 @@ for the original digest.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 from pathlib import Path
 
 import pytest
-import trio
 from support.blobtools import make_blob
 from support.mount import Mounter, lazyerofs
-from support.registry import layer_descriptor
+from support.registry import layer_descriptor, push_descriptors
 
 from lazyfs.format import seekable
-from lazyfs.oci import MEDIA_OCI_CONFIG, MEDIA_OCI_MANIFEST, RegistryClient, parse_reference
 
 pytestmark = pytest.mark.e2e
 
@@ -28,26 +24,7 @@ EIO = 5
 
 
 def push(registry, name: str, layers: list[tuple[bytes, dict]]) -> str:
-    """Push blobs under the given descriptors, plus a config and a manifest."""
-    ref = parse_reference(f"{registry.host}/test/{name}:v1")
-
-    async def go() -> None:
-        async with RegistryClient() as client:
-            for data, desc in layers:
-                await client.push_blob(ref, data, desc["digest"], len(data))
-            config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
-            config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
-            await client.push_blob(ref, config, config_digest, len(config))
-            manifest = {
-                "schemaVersion": 2,
-                "mediaType": MEDIA_OCI_MANIFEST,
-                "config": {"mediaType": MEDIA_OCI_CONFIG, "digest": config_digest, "size": len(config)},
-                "layers": [desc for _, desc in layers],
-            }
-            await client.push_manifest(ref, json.dumps(manifest).encode(), MEDIA_OCI_MANIFEST)
-
-    trio.run(go)
-    return str(ref)
+    return push_descriptors(registry, name, layers)
 
 
 def read_at(path: Path, offset: int, size: int) -> bytes:

@@ -3,6 +3,11 @@
 Each subcommand lives in ``lazyfs/cli/<name>.py`` and exposes
 ``register(subparsers)``, which adds its parser and sets ``func`` to a
 callable taking the parsed namespace and returning an exit code.
+
+Only the module of the command being run is imported (all of them for
+``--help`` or an unknown command), and each imports its libraries (httpx,
+trio, zstandard, pyfuse3) only as far as it needs them: ``lazyerofs umount``
+should not pay for the HTTP stack.
 """
 
 from __future__ import annotations
@@ -12,27 +17,40 @@ import importlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from lazyfs import __version__
 from lazyfs.errors import LazyErofsError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["STARTED", "build_parser", "main"]
+
+# When the command started, for the startup timings of a mount
+# (CLOCK_MONOTONIC: the forked daemon reads the same clock).
+STARTED = time.monotonic()
 
 # Order here is the order in `--help`.
 COMMAND_MODULES = (
     "build",
     "inspect",
     "push",
+    "convert",
     "mount",
     "umount",
+    "status",
     "stats",
     "verify",
     "cache",
 )
+# Other names a command answers to (its module registers them as aliases).
+COMMAND_ALIASES = {"unmount": "umount"}
+# Global options that take a value (the command name is the first word after them).
+_VALUED_OPTIONS = ("--log-level",)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with ``only`` (a module of COMMAND_MODULES) the
+    parser of that one command, which is all ``main`` needs to run it."""
     parser = argparse.ArgumentParser(
         prog="lazyerofs",
         description=(
@@ -50,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="logging verbosity on stderr (default: warning)",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES if only is None else (only,):
         try:
             module = importlib.import_module(f"lazyfs.cli.{name}")
         except ModuleNotFoundError as exc:
@@ -61,9 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _command_module(argv: Sequence[str]) -> str | None:
+    """The module of the command ``argv`` names, or None (help, version,
+    unknown): then every command is registered, for the full usage."""
+    words = iter(argv)
+    for word in words:
+        if word in _VALUED_OPTIONS:
+            next(words, None)
+        elif word.startswith("-"):
+            if word in ("-h", "--help", "--version"):
+                return None
+        else:
+            name = COMMAND_ALIASES.get(word, word)
+            return name if name in COMMAND_MODULES else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_module(argv))
     args = parser.parse_args(argv)
+    args.started = STARTED
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
         format="lazyerofs: %(levelname)s: %(name)s: %(message)s",

@@ -175,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         allow_other=args.allow_other,
         rootfs_allow_suid_dev=args.rootfs_allow_suid_dev,
         nonempty=args.nonempty,
+        started=getattr(args, "started", None),
     )
     if cfg.read.insecure_skip_verify:
         import sys

@@ -17,7 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Take down what 'lazyerofs mount' set up at DIR: the overlay rootfs, "
             "the kernel EROFS mounts and the FUSE mount, in that order, and stop "
             "the daemon. Also cleans up after a daemon that was killed. Only a "
-            "lazyerofs FUSE mount is touched, and only its own daemon is signalled."
+            "lazyerofs FUSE mount is touched, and only its own daemon is signalled. "
+            "A daemon that stops cleanly removes its log; after a crash, a kill or a "
+            "failure the log is kept and its path printed."
         ),
     )
     p.add_argument("mountpoint", metavar="DIR")

@@ -11,6 +11,7 @@ Modules (arrows point down; nothing here imports lazyfs.mount or lazyfs.cli)::
                     DecodeBudget, TableBudget, FrameCache
     policy.py       FetchPolicy: the only place deciding what/how much/in what order to fetch;
                     Demand, LinkEstimate
+    tables.py       TableStore: verified chunk tables on disk, keyed by chunk_digest
     source.py       BlobSource, FileSource, CountingSource (every byte counted once), LayerStats
 
 A mount makes one :class:`FetchContext`, one :class:`ReadSettings`, calls
@@ -34,6 +35,7 @@ from lazyfs.fetch.opener import OpenedLayer, open_layer, prefetch_all
 from lazyfs.fetch.plain import PlainFile
 from lazyfs.fetch.policy import DEFAULT_MERGE_BYTES, Demand, FetchAhead, FetchPolicy, LinkEstimate
 from lazyfs.fetch.source import BlobSource, CountingSource, FileSource, LayerStats
+from lazyfs.fetch.tables import TableStore
 from lazyfs.fetch.verity_tail import VerityTail, open_verity_tail
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "ReadSettings",
     "SeekableFile",
     "TableBudget",
+    "TableStore",
     "VerityTail",
     "open_layer",
     "open_verity_tail",

@@ -5,7 +5,9 @@ trust); :class:`FetchContext` is what all layers of one mount share at run
 time: the worker-thread limiter, on-demand reads in progress, the link
 estimate (one network path), and the memory budgets a hostile blob could
 otherwise drive up: decoded frames in flight (:class:`DecodeBudget`) and
-parsed chunk tables (:class:`TableBudget`). :class:`FrameCache` is the part
+parsed chunk tables (:class:`TableBudget`), and the store of verified chunk
+tables that spares a mount their fetch (:class:`~lazyfs.fetch.tables.TableStore`,
+counted in ``tables_fetched`` / ``tables_cached``). :class:`FrameCache` is the part
 of :class:`cache.ChunkCache` a layer uses.
 """
 
@@ -29,6 +31,7 @@ from lazyfs.fetch.policy import (
     check_fetch_ahead,
 )
 from lazyfs.fetch.source import BlobSource, CountingSource, LayerStats
+from lazyfs.fetch.tables import TableStore
 from lazyfs.format import seekable
 
 __all__ = [
@@ -161,6 +164,7 @@ class FetchContext:
         limiter: trio.CapacityLimiter | None = None,
         decode_budget: DecodeBudget | None = None,
         tables: TableBudget | None = None,
+        table_store: TableStore | None = None,
     ) -> None:
         # Hashing, decompression and cache I/O run in threads under this.
         self.limiter = limiter or trio.CapacityLimiter(DEFAULT_WORKER_THREADS)
@@ -168,6 +172,10 @@ class FetchContext:
         self.link = LinkEstimate()  # one network path for all layers
         self.decode_budget = decode_budget or DecodeBudget()
         self.tables = tables or TableBudget()
+        # Chunk tables by chunk_digest on local disk (None: always fetched).
+        self.table_store = table_store
+        self.tables_fetched = 0
+        self.tables_cached = 0
 
     def counted(self, source: BlobSource) -> CountingSource:
         """``source`` as one layer's counted view: fresh stats, this mount's link."""

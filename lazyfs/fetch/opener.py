@@ -1,7 +1,8 @@
 """Turning a manifest's layer descriptor into a :class:`~lazyfs.fetch.files.Layer`.
 
 :func:`open_layer` parses the descriptor, picks the layer's kind (plain,
-seekable, or skipped), fetches and checks the chunk table, charges it to the
+seekable, or skipped), fetches and checks the chunk table (or reads it back from the mount's
+table store, checked the same way), charges it to the
 mount's table budget, opens the dm-verity tail, and returns the layer with
 containerd's dm-verity sidecar. Every byte it fetches goes through the
 layer's :class:`~lazyfs.fetch.source.CountingSource`, so the table and the
@@ -21,7 +22,7 @@ from lazyfs.errors import FetchError, FormatError, IntegrityError
 from lazyfs.fetch.context import FetchContext, FrameCache, ReadSettings
 from lazyfs.fetch.files import Layer, SeekableFile
 from lazyfs.fetch.plain import PlainFile
-from lazyfs.fetch.source import BlobSource
+from lazyfs.fetch.source import BlobSource, CountingSource
 from lazyfs.fetch.verity_tail import open_verity_tail
 from lazyfs.format import seekable
 
@@ -73,16 +74,7 @@ async def open_layer(
     assert desc.table_offset is not None
     if source.size != desc.size:
         raise IntegrityError(f"{name}: registry says the blob is {source.size} bytes, descriptor {desc.size}")
-    try:
-        with trio.fail_after(settings.read_timeout):
-            data = await counted.read(desc.table_offset, seekable.table_read_size(desc))
-    except trio.TooSlowError as exc:
-        raise FetchError(f"{name}: chunk table not fetched within {settings.read_timeout:g}s") from exc
-    # --insecure-skip-verify only lets through a layer whose chain cannot be
-    # established; a present chunk_digest and present frame checksums are
-    # always checked (SeekableFile decides that from the table itself).
-    table = seekable.read_chunk_table(data, desc, verify=not settings.insecure_skip_verify, name=name)
-    del data
+    table = await _load_table(name, desc, counted, settings, context)
     context.tables.charge(name, table)
     if not (desc.chunk_digest is not None and table.hash_algo == seekable.HASH_SHA512):
         missing = "no frame checksums (hash_algo 0)" if table.hash_algo == seekable.HASH_NONE else "no chunk_digest"
@@ -93,6 +85,46 @@ async def open_layer(
         verity, sidecar = await open_verity_tail(name, desc, table.uncompressed_size, counted)
     layer = SeekableFile(name, desc, table, counted, cache, settings, context, verity=verity)
     return OpenedLayer(layer, sidecar)
+
+
+async def _load_table(
+    name: str, desc: seekable.LayerDescriptor, counted: CountingSource, settings: ReadSettings, context: FetchContext
+) -> seekable.ChunkTable:
+    """The layer's chunk table: from the mount's table store when a copy is
+    there and passes the digest check, else fetched (and then stored).
+
+    --insecure-skip-verify only lets through a layer whose chain cannot be
+    established; a present chunk_digest and present frame checksums are
+    always checked (SeekableFile decides that from the table itself). Only a
+    table with a chunk_digest is stored or looked up: the digest is the key.
+    """
+    store = context.table_store if desc.chunk_digest is not None else None
+    verify = not settings.insecure_skip_verify
+    if store is not None:
+        assert desc.chunk_digest is not None
+        data = await trio.to_thread.run_sync(store.get, desc.chunk_digest, limiter=context.limiter)
+        if data is not None:
+            try:
+                table = seekable.read_chunk_table(data, desc, verify=verify, name=name)
+            except (FormatError, IntegrityError) as exc:
+                # Damaged or planted: never served, fetched again below.
+                log.warning("%s: stored chunk table %s refused, fetching it again: %s", name, store.path(desc.chunk_digest), exc)
+                await trio.to_thread.run_sync(store.discard, desc.chunk_digest, limiter=context.limiter)
+            else:
+                context.tables_cached += 1
+                return table
+    assert desc.table_offset is not None
+    try:
+        with trio.fail_after(settings.read_timeout):
+            data = await counted.read(desc.table_offset, seekable.table_read_size(desc))
+    except trio.TooSlowError as exc:
+        raise FetchError(f"{name}: chunk table not fetched within {settings.read_timeout:g}s") from exc
+    table = seekable.read_chunk_table(data, desc, verify=verify, name=name)
+    context.tables_fetched += 1
+    if store is not None:
+        assert desc.chunk_digest is not None
+        await trio.to_thread.run_sync(store.put, desc.chunk_digest, bytes(data), limiter=context.limiter)
+    return table
 
 
 async def prefetch_all(layers: Sequence[Layer]) -> None:

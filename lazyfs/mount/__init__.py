@@ -19,10 +19,11 @@ are public modules for tests and benchmarks that inspect mounts).
 
 from lazyfs.mount import kernel, state
 from lazyfs.mount.daemon import MountConfig, run_mount, unwrap_group
-from lazyfs.mount.image import read_stats
+from lazyfs.mount.image import STATS_PATH, read_stats
 from lazyfs.mount.state import (
     FUSE_TYPE,
     is_our_daemon,
+    list_states,
     load_state,
     redact_url,
     state_dir,
@@ -33,9 +34,11 @@ from lazyfs.mount.state import (
 
 __all__ = [
     "FUSE_TYPE",
+    "STATS_PATH",
     "MountConfig",
     "is_our_daemon",
     "kernel",
+    "list_states",
     "load_state",
     "read_stats",
     "redact_url",

@@ -5,6 +5,10 @@ Until the mount is ready (or has failed), every record of level WARNING or
 above also goes up the pipe, and the waiting parent prints it on the user's
 terminal: an unverified layer is not news only the log hears. Then one final
 ``{"ok": true}`` or ``{"error": ...}`` and EOF.
+
+:class:`Timeline` records when each startup step of a mount finished, on the
+system-wide monotonic clock, so the steps of the command and of its daemon
+line up with each other and with a benchmark's own clock.
 """
 
 from __future__ import annotations
@@ -14,11 +18,40 @@ import json
 import logging
 import os
 import sys
+import time
 
-__all__ = ["ReadyPipe", "wait_ready"]
+__all__ = ["ReadyPipe", "Timeline", "wait_ready"]
 
 # One line of the pipe: {"warning": str} | {"ok": true} | {"error": str}.
 Message = dict[str, object]
+
+
+class Timeline:
+    """When each startup step ended, in seconds since the command started.
+
+    ``start`` is ``time.monotonic()`` at the command's first line (CLOCK_MONOTONIC
+    is one clock for every process on the host, so a forked daemon and a
+    benchmark measuring from outside read the same clock).
+    """
+
+    def __init__(self, start: float | None = None) -> None:
+        self.start = time.monotonic() if start is None else start
+        self.marks: dict[str, float] = {}
+
+    def mark(self, step: str) -> None:
+        self.marks[step] = time.monotonic() - self.start
+
+    def as_dict(self) -> dict[str, object]:
+        """``{"start": <monotonic>, "steps": {step: seconds since start}}`` (for stats)."""
+        return {"start": self.start, "steps": {k: round(v, 6) for k, v in self.marks.items()}}
+
+    def summary(self) -> str:
+        """``step +0.012s, ...``: what each step took, for the log."""
+        parts, last = [], 0.0
+        for step, at in self.marks.items():
+            parts.append(f"{step} +{at - last:.3f}s")
+            last = at
+        return ", ".join(parts)
 
 
 class ReadyPipe(logging.Handler):

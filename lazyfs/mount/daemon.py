@@ -24,22 +24,17 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-import trio
-
-from cache import DEFAULT_MAX_BYTES, DEFAULT_MEMORY_BYTES, CacheError, ChunkCache, default_cache_dir
 from lazyfs.errors import LazyErofsError, MountError
-from lazyfs.fetch import ReadSettings, prefetch_all
 from lazyfs.mount import kernel as kmount
-from lazyfs.mount._ready import ReadyPipe, wait_ready
-from lazyfs.mount.image import open_image, stats, write_touch_log
-from lazyfs.mount.rootfs import mount_rootfs
+from lazyfs.mount._ready import ReadyPipe, Timeline, wait_ready
 from lazyfs.mount.state import (
     RUN_DIR,
     RunState,
+    discard_log,
     load_state,
-    mount_id,
+    log_path,
     open_private,
     private_dir,
     process_start_time,
@@ -47,7 +42,14 @@ from lazyfs.mount.state import (
     state_dir,
     teardown,
 )
-from lazyfs.oci import RegistryOptions
+
+# trio, httpx (lazyfs.oci), the fetch side, the cache and pyfuse3 are
+# imported where a mount needs them: `lazyerofs umount` and `stats` import
+# this package too and need none of them.
+if TYPE_CHECKING:
+    from cache import ChunkCache
+    from lazyfs.fetch import Layer, ReadSettings
+    from lazyfs.oci import RegistryOptions
 
 __all__ = ["MountConfig", "run_mount", "unwrap_group"]
 
@@ -55,6 +57,9 @@ log = logging.getLogger(__name__)
 
 # Libraries that log request URLs (signed queries) or headers at INFO/DEBUG.
 _CHATTY_LOGGERS = ("httpx", "httpcore", "hpack", "h2")
+# What an EROFS mount reads first: the superblock at 1024 and the metadata
+# just after it (all inside the first frame of any frame size).
+_SUPERBLOCK_AREA = 4096
 # Called once the mount is ready (None) or has failed (the reason).
 Notify = Callable[[str | None], None]
 
@@ -71,8 +76,8 @@ class MountConfig:
     cache_size: int | None = None  # None: the cache's default budget
     memory_cache: int | None = None
     verify_at_rest: bool = False
-    read: ReadSettings = field(default_factory=ReadSettings)
-    registry: RegistryOptions = field(default_factory=RegistryOptions)
+    read: ReadSettings = field(default_factory=lambda: _read_settings())
+    registry: RegistryOptions = field(default_factory=lambda: _registry_options())
     foreground: bool = False
     log_file: str | None = None  # None: /run/lazyerofs/<id>.log
     log_level: str = "info"
@@ -82,19 +87,38 @@ class MountConfig:
     allow_other: bool = False  # let every local user read the FUSE tree
     rootfs_allow_suid_dev: bool = False  # honour setuid bits and device nodes in the rootfs
     nonempty: bool = False  # mount over a directory that has entries
+    started: float | None = None  # time.monotonic() when the command started (startup timings)
+
+
+def _read_settings() -> ReadSettings:
+    from lazyfs.fetch import ReadSettings
+
+    return ReadSettings()
+
+
+def _registry_options() -> RegistryOptions:
+    from lazyfs.oci import RegistryOptions
+
+    return RegistryOptions()
 
 
 def run_mount(cfg: MountConfig) -> int:
     """Mount and serve; returns the process exit code.
 
     In the foreground this returns when the mount is taken down; otherwise
-    the parent returns once the forked daemon reports the mount ready (0)
-    or failed (1, its error printed), and the daemon never returns.
+    the process forks and neither side returns: the parent exits once the
+    daemon reports the mount ready (0) or failed (1, its error printed),
+    right away and without the interpreter's teardown, and the daemon exits
+    when the mount is taken down.
     """
+    timeline = Timeline(cfg.started)
+    timeline.mark("command")  # interpreter, imports and argument parsing
     rootfs = kmount.real_path(cfg.rootfs) if cfg.rootfs is not None else None
     cfg = replace(cfg, mountpoint=kmount.real_path(cfg.mountpoint), rootfs=rootfs)
     _check_mountpoint(cfg)
     log_stream = _open_log(cfg)
+    import trio  # after the checks: a refused mount need not pay for it
+
     if log_stream is None:
         _setup_logging(cfg, None)
 
@@ -102,15 +126,23 @@ def run_mount(cfg: MountConfig) -> int:
             print(f"lazyerofs: mounted {redact_url(cfg.ref)} at {cfg.mountpoint}", file=sys.stderr, flush=True)
 
         with unwrap_group():
-            trio.run(_serve, cfg, ready)
+            trio.run(_serve, cfg, ready, timeline)
         return 0
 
+    timeline.mark("checks")
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:
         os.close(write_fd)
         log_stream.close()
-        return wait_ready(read_fd, pid)
+        code = wait_ready(read_fd, pid)
+        if code:
+            print(f"lazyerofs: the daemon's log is kept at {cfg.log_file}", file=sys.stderr)
+        # Nothing is left to do here, and the interpreter's own teardown
+        # (trio, httpx, pyfuse3 loaded) would hold the caller 70-100 ms.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     # Child: detach from the caller's session and stdio so a caller capturing
     # our output sees EOF as soon as the parent exits.
     os.close(read_fd)
@@ -122,11 +154,12 @@ def run_mount(cfg: MountConfig) -> int:
     _setup_logging(cfg, log_stream)
     pipe = ReadyPipe(write_fd)
     logging.getLogger().addHandler(pipe)
+    timeline.mark("fork")
 
     code = 0
     try:
         with unwrap_group():
-            trio.run(_serve, cfg, pipe.finish)
+            trio.run(_serve, cfg, pipe.finish, timeline)
     except LazyErofsError as exc:
         pipe.finish(str(exc))  # first: the parent prints it once, as the error
         log.error("%s", exc)
@@ -136,10 +169,20 @@ def run_mount(cfg: MountConfig) -> int:
         log.exception("daemon failed")
         code = 1
     log.info("exiting")
+    if code == 0:
+        discard_log(cfg.log_file, cfg.mountpoint)  # one log per mount, kept only after a failure
     os._exit(code)
 
 
 def _open_cache(cfg: MountConfig) -> ChunkCache:
+    from cache import (
+        DEFAULT_MAX_BYTES,
+        DEFAULT_MEMORY_BYTES,
+        CacheError,
+        ChunkCache,
+        default_cache_dir,
+    )
+
     try:
         return ChunkCache(
             cfg.cache_dir or default_cache_dir(),
@@ -167,14 +210,20 @@ def _fuse_options(allow_other: bool) -> set[str]:
     return options
 
 
-async def _serve(cfg: MountConfig, notify: Notify) -> None:
+async def _serve(cfg: MountConfig, notify: Notify, timeline: Timeline) -> None:
     """Open the image, mount it, call ``notify(None)`` once it works, then
     serve until a signal; every way out leaves nothing mounted."""
     import pyfuse3
+    import trio
 
+    from lazyfs.fetch import prefetch_all
     from lazyfs.mount.fuse import LazyFS
+    from lazyfs.mount.image import open_image, stats, write_touch_log
+    from lazyfs.mount.rootfs import mount_rootfs
 
+    timeline.mark("imports")
     cache = _open_cache(cfg)
+    timeline.mark("cache")
     mountpoint = cfg.mountpoint  # already a real path (run_mount)
     state = RunState(
         pid=os.getpid(),
@@ -191,32 +240,45 @@ async def _serve(cfg: MountConfig, notify: Notify) -> None:
             settings=cfg.read,
             cache=cache,
             stack=stack,
+            mark=timeline.mark,
         )
         files = image.files
         fs = LazyFS(
             manifest=image.manifest,
             layers=[(layer.file, layer.digest, layer.sidecar) for layer in image.layers],
-            stats=lambda: stats(files, cache),
+            stats=lambda: {**stats(files, cache, image.context), "startup": timeline.as_dict()},
         )
         try:
             pyfuse3.init(fs, mountpoint, _fuse_options(cfg.allow_other))
         except RuntimeError as exc:
             raise MountError(f"cannot mount FUSE at {mountpoint}: {exc}") from exc
+        timeline.mark("fuse_init")
         state.save()
         try:
             async with trio.open_nursery() as nursery:
                 for layer in files:
                     layer.start(nursery)
+                if cfg.rootfs:
+                    # The kernel mounts below read each layer's superblock
+                    # one layer after another; fetch those first frames
+                    # now, all at once, while FUSE finishes its INIT.
+                    for layer in files:
+                        nursery.start_soon(_first_frame, layer)
                 nursery.start_soon(pyfuse3.main)
                 # A stat through FUSE (served by the loop above, from a thread)
                 # completes the kernel's INIT, which resets the readahead.
                 await trio.to_thread.run_sync(os.stat, mountpoint)
+                timeline.mark("fuse_ready")
                 _set_readahead(mountpoint, cfg.readahead_kb)
+                timeline.mark("readahead")
                 if cfg.rootfs:
                     rootfs_flags = 0 if cfg.rootfs_allow_suid_dev else kmount.ROOTFS_FLAGS
                     await trio.to_thread.run_sync(
                         mount_rootfs, state, cfg.rootfs, len(image.layers), cfg.loop, rootfs_flags
                     )
+                    timeline.mark("rootfs")
+                timeline.mark("ready")
+                log.info("ready %.3fs after the command started: %s", timeline.marks["ready"], timeline.summary())
                 notify(None)
                 if cfg.read.prefetch:
                     nursery.start_soon(prefetch_all, files)
@@ -239,6 +301,16 @@ async def _serve(cfg: MountConfig, notify: Notify) -> None:
             shutil.rmtree(state_dir(mountpoint), ignore_errors=True)
             with contextlib.suppress(Exception):
                 cache.close()
+
+
+async def _first_frame(layer: Layer) -> None:
+    """Read the start of ``layer`` (EROFS superblock and root directory) into
+    the cache. Only a head start: a failure here is the kernel mount's to
+    report, when it reads the same bytes."""
+    try:
+        await layer.read(0, _SUPERBLOCK_AREA)
+    except LazyErofsError as exc:
+        log.debug("%s: early read of the first frame failed: %s", layer.name, exc)
 
 
 def _set_readahead(mountpoint: str, kib: int) -> None:
@@ -286,7 +358,7 @@ def _open_log(cfg: MountConfig) -> IO[str] | None:
         return None
     if cfg.log_file is None:
         private_dir(RUN_DIR)
-        cfg.log_file = str(RUN_DIR / f"{mount_id(cfg.mountpoint)}.log")
+        cfg.log_file = str(log_path(cfg.mountpoint))
     try:
         return os.fdopen(open_private(cfg.log_file, os.O_APPEND), "a", buffering=1)
     except OSError as exc:

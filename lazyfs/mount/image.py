@@ -14,26 +14,20 @@ import contextlib
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import trio
-
-from cache import ChunkCache
 from lazyfs.errors import FormatError, MountError
-from lazyfs.fetch import (
-    BlobSource,
-    FetchContext,
-    FileSource,
-    Layer,
-    OpenedLayer,
-    ReadSettings,
-    open_layer,
-)
-from lazyfs.format import load_descriptor, parse_descriptor
 from lazyfs.mount.state import redact_url
-from lazyfs.oci import RegistryClient, RegistryOptions, open_url_blob, parse_reference
+
+# The fetch side, the registry client (httpx) and trio are imported by
+# open_image: read_stats (``lazyerofs stats``) needs none of them.
+if TYPE_CHECKING:
+    from cache import ChunkCache
+    from lazyfs.fetch import BlobSource, FetchContext, Layer, OpenedLayer, ReadSettings
+    from lazyfs.oci import RegistryOptions
 
 __all__ = ["STATS_PATH", "Image", "ImageLayer", "open_image", "read_stats", "stats", "write_touch_log"]
 
@@ -57,6 +51,7 @@ class ImageLayer:
 @dataclass
 class Image:
     manifest: bytes
+    context: FetchContext | None = None  # what the layers share (chunk-table counters)
     layers: list[ImageLayer] = field(default_factory=list)  # bottom first; skipped layers left out
 
     @property
@@ -72,6 +67,7 @@ async def open_image(
     settings: ReadSettings,
     cache: ChunkCache,
     stack: contextlib.AsyncExitStack,
+    mark: Callable[[str], None] = lambda _step: None,
 ) -> Image:
     """Open the image ``ref`` names; its sources stay open until ``stack`` closes.
 
@@ -83,6 +79,12 @@ async def open_image(
         FormatError: a bad descriptor, or no EROFS layer to mount.
         RegistryError, FetchError, IntegrityError: from resolving and opening.
     """
+    import trio
+
+    from lazyfs.fetch import FetchContext, FileSource, TableStore, open_layer
+    from lazyfs.format import load_descriptor, parse_descriptor
+    from lazyfs.oci import RegistryClient, open_url_blob, parse_reference
+
     descs: list[tuple[Mapping[str, object], BlobSource]]
     if descriptor_file:
         desc = load_descriptor(descriptor_file)
@@ -100,7 +102,10 @@ async def open_image(
         resolved = await client.resolve(reference)
         manifest = resolved.manifest_bytes
         descs = [(d, client.blob(reference, d)) for d in resolved.layers]
-    context = FetchContext()  # one per mount: limiter, demand, link estimate, budgets
+    mark("resolve")
+    # One per mount: limiter, demand, link estimate, budgets, and the
+    # verified chunk tables kept beside the chunk cache.
+    context = FetchContext(table_store=TableStore(cache.root))
     opened: list[OpenedLayer | None] = [None] * len(descs)
 
     async def open_one(i: int) -> None:
@@ -111,7 +116,8 @@ async def open_image(
     async with trio.open_nursery() as nursery:
         for i in range(len(descs)):
             nursery.start_soon(open_one, i)
-    image = Image(manifest)
+    mark("tables")
+    image = Image(manifest, context)
     for result in opened:
         if result is not None:
             image.layers.append(ImageLayer(result.layer, result.layer.desc.digest, result.sidecar))
@@ -120,9 +126,11 @@ async def open_image(
     return image
 
 
-def stats(layers: Sequence[Layer], cache: ChunkCache) -> dict[str, object]:
+def stats(layers: Sequence[Layer], cache: ChunkCache, context: FetchContext | None = None) -> dict[str, object]:
     """The live counters of a mount (``.lazyerofs/stats.json``): totals over
-    the layers, each layer's own, and the chunk cache's."""
+    the layers, each layer's own, the chunk cache's and, given the mount's
+    ``context``, how many chunk tables were fetched and how many read back
+    from the table store."""
     total = dict.fromkeys(_COUNTERS, 0)
     per_layer = []
     for i, layer in enumerate(layers):
@@ -139,6 +147,8 @@ def stats(layers: Sequence[Layer], cache: ChunkCache) -> dict[str, object]:
         per_layer.append(entry)
     out: dict[str, object] = dict(total)
     out["layers"] = per_layer
+    if context is not None:
+        out["chunk_tables"] = {"fetched": context.tables_fetched, "cached": context.tables_cached}
     with contextlib.suppress(Exception):
         out["cache"] = asdict(cache.statistics())
     return out

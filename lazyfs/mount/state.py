@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import stat
@@ -36,9 +37,13 @@ __all__ = [
     "RUN_DIR",
     "RunState",
     "State",
+    "discard_log",
     "is_our_daemon",
+    "list_states",
     "load_state",
+    "log_path",
     "mount_id",
+    "open_pidfd",
     "open_private",
     "private_dir",
     "process_start_time",
@@ -67,6 +72,22 @@ def mount_id(mountpoint: str) -> str:
 
 def state_dir(mountpoint: str) -> Path:
     return RUN_DIR / mount_id(mountpoint)
+
+
+def log_path(mountpoint: str) -> Path:
+    """The daemon's default log: one per mount id, beside the state dirs
+    (not in them: it outlives a failed mount, whose state dir is removed)."""
+    return RUN_DIR / f"{mount_id(mountpoint)}.log"
+
+
+def discard_log(log_file: str | None, mountpoint: str) -> None:
+    """Remove the daemon's log after a clean exit, when it is the default one
+    (a file the user named is theirs): logs would otherwise pile up in
+    RUN_DIR, one for every mount ever made. A failed or killed daemon
+    never gets here, so its log stays for whoever looks into it."""
+    if log_file is not None and log_file == str(log_path(mountpoint)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(log_file)
 
 
 def redact_url(ref: str) -> str:
@@ -119,6 +140,33 @@ def load_state(mountpoint: str) -> State | None:
         except json.JSONDecodeError:
             return None
     return state if isinstance(state, dict) else None
+
+
+def list_states() -> list[tuple[Path, State]]:
+    """Every mount's state under RUN_DIR: (state dir, state read back as
+    untrusted JSON), for ``lazyerofs status``. Read-only; a link, a stray
+    file or an unreadable state is skipped. Raises OSError when RUN_DIR
+    cannot be listed (not root), and returns [] when it does not exist."""
+    try:
+        entries = sorted(os.scandir(RUN_DIR), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    found = []
+    for e in entries:
+        if not e.is_dir(follow_symlinks=False):
+            continue  # the daemons' logs live beside the state dirs
+        try:
+            fd = os.open(Path(e.path) / "state.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        with os.fdopen(fd) as f:
+            try:
+                state = json.load(f)
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+                continue
+        if isinstance(state, dict):
+            found.append((Path(e.path), state))
+    return found
 
 
 def save_state(mountpoint: str, state: State) -> None:
@@ -183,16 +231,56 @@ def is_our_daemon(state: State) -> bool:
     return b"lazyerofs" in cmdline or b"lazyfs" in cmdline
 
 
-def wait_gone(pid: int, timeout: float) -> bool:
-    """Wait until process ``pid`` exits; True if it did."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
+def open_pidfd(pid: int) -> int | None:
+    """A pidfd for ``pid`` (Linux 5.3+), or None where there is none to be had
+    (the process is gone, or no pidfd support). Open it *before* checking the
+    process is ours: the fd then names the process that was checked, and a
+    signal sent through it cannot reach another one that reused the pid."""
+    try:
+        return os.pidfd_open(pid)
+    except (OSError, AttributeError):
+        return None
+
+
+def _exited(pid: int) -> bool:
+    """True once ``pid`` has exited: no such process, or a zombie not yet
+    reaped (our daemons are reparented to init, which may reap late)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return True
+    return data.rpartition(b")")[2].split()[:1] in ([b"Z"], [b"X"])
+
+
+def _wait_pidfd(pidfd: int, timeout: float) -> bool:
+    # A pidfd polls readable the moment its process exits, zombie or not.
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
+
+
+def wait_gone(pid: int, timeout: float, *, pidfd: int | None = None) -> bool:
+    """Wait until process ``pid`` exits (``pidfd``, if given, names it); True
+    if it did. Returns as soon as it exits: waits on a pidfd, and only
+    where there is none polls /proc, starting at a few milliseconds."""
+    own = None
+    if pidfd is None:
+        pidfd = own = open_pidfd(pid)
+    try:
+        if pidfd is not None:
+            return _wait_pidfd(pidfd, timeout)
+        deadline = time.monotonic() + timeout
+        pause = 0.002
+        while not _exited(pid):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+        return True
+    finally:
+        if own is not None:
+            os.close(own)
 
 
 def teardown(mountpoint: str, state: State | None) -> None:
@@ -204,9 +292,12 @@ def teardown(mountpoint: str, state: State | None) -> None:
     if not state:
         return
     errors = []
+    # One look at mountinfo for all of them: with hundreds of layers, one per
+    # mount would be hundreds of reads of a list hundreds of lines long.
+    topmost = {point: (fstype, source) for point, fstype, source in kmount.mounts()}
     rootfs = state.get("rootfs")
     if isinstance(rootfs, str):
-        found = kmount.find_mount(rootfs)
+        found = topmost.get(rootfs) or kmount.find_mount(rootfs)
         if found is not None and found[0] not in ("overlay", "erofs"):
             errors.append(f"{rootfs}: the mount there is {found[0]}, not our rootfs; left alone")
         elif found is not None:
@@ -215,20 +306,24 @@ def teardown(mountpoint: str, state: State | None) -> None:
             except MountError as exc:
                 errors.append(str(exc))
     ours = str(state_dir(mountpoint)) + "/"
+    # mountinfo names real paths; the state dir is no mount point, so
+    # resolving it cannot wait on a FUSE daemon.
+    real_ours = os.path.realpath(ours) + "/"
     recorded = state.get("kernel_mounts")
     for m in reversed(recorded if isinstance(recorded, list) else []):
         target = m.get("target") if isinstance(m, dict) else None
         if not isinstance(target, str) or not target.startswith(ours):
             errors.append(f"{target!r}: not inside {ours}; left alone")
             continue
-        found = kmount.find_mount(target)
+        found = topmost.get(real_ours + target[len(ours) :])
         if found is not None and found[0] != "erofs":
             errors.append(f"{target}: the mount there is {found[0]}, not EROFS; left alone")
             continue
-        try:
-            kmount.umount(target)
-        except MountError as exc:
-            errors.append(str(exc))
+        if found is not None:
+            try:
+                kmount.umount(target)
+            except MountError as exc:
+                errors.append(str(exc))
         loop = m.get("loop")
         if isinstance(loop, str) and loop:
             kmount.detach_loop(loop)
@@ -281,20 +376,26 @@ def unmount(mountpoint: str, *, timeout: float = 15.0, warn: Callable[[str], Non
     # Kernel mounts first: they read through the FUSE mount below them.
     teardown(mountpoint, state)
     pid = state.get("pid") if state else None
-    if state and is_our_daemon(state):
-        assert isinstance(pid, int)
-        os.kill(pid, signal.SIGTERM)
-        if not wait_gone(pid, timeout):
-            warn(f"daemon {pid} did not stop in {timeout:g}s; aborting its connection")
-            if _our_fuse_mount(mountpoint):
-                kmount.abort_fuse(mountpoint)
-            if is_our_daemon(state):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            wait_gone(pid, 5)
-    elif isinstance(pid, int) and pid > 0 and _alive(pid):
-        # The recorded pid now names another process: leave it be.
-        warn(f"process {pid} is not this mount's daemon (its pid was reused); not signalling it")
+    stopped = False  # the daemon stopped when asked, so it could clean up after itself
+    pidfd = open_pidfd(pid) if isinstance(pid, int) and pid > 0 else None
+    try:
+        if state and is_our_daemon(state):
+            assert isinstance(pid, int)
+            _signal(pid, pidfd, signal.SIGTERM)
+            stopped = wait_gone(pid, timeout, pidfd=pidfd)
+            if not stopped:
+                warn(f"daemon {pid} did not stop in {timeout:g}s; aborting its connection")
+                if _our_fuse_mount(mountpoint):
+                    kmount.abort_fuse(mountpoint)
+                if pidfd is not None or is_our_daemon(state):
+                    _signal(pid, pidfd, signal.SIGKILL)
+                wait_gone(pid, 5, pidfd=pidfd)
+        elif isinstance(pid, int) and pid > 0 and _alive(pid) and not _exited(pid):
+            # The recorded pid now names another process: leave it be.
+            warn(f"process {pid} is not this mount's daemon (its pid was reused); not signalling it")
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
     if _our_fuse_mount(mountpoint):
         # The daemon is gone but its mount is left: a stale "transport
         # endpoint is not connected" mount. Detach it.
@@ -305,5 +406,30 @@ def unmount(mountpoint: str, *, timeout: float = 15.0, warn: Callable[[str], Non
         if _our_fuse_mount(mountpoint):
             kmount.umount(mountpoint, lazy_after=0)
     shutil.rmtree(state_dir(mountpoint), ignore_errors=True)
+    _tell_of_kept_log(mountpoint, state, stopped, warn)
     if _our_fuse_mount(mountpoint):
         raise MountError(f"{mountpoint} is still mounted")
+
+
+def _signal(pid: int, pidfd: int | None, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, signum)
+        else:
+            os.kill(pid, signum)
+
+
+def _tell_of_kept_log(mountpoint: str, state: State | None, stopped: bool, warn: Callable[[str], None]) -> None:
+    """A daemon that exits cleanly removes its default log (:func:`discard_log`);
+    one still there after it is gone tells of a crash, a kill or a failure:
+    say where it is. A log file the user chose is theirs: not mentioned."""
+    default = str(log_path(mountpoint))
+    recorded = state.get("log") if state else None
+    path = recorded if isinstance(recorded, str) else default
+    if path != default or not os.path.exists(path):
+        return
+    if stopped:
+        warn(f"the daemon reported a failure while stopping; its log is kept at {path}")
+    else:
+        warn(f"the daemon did not stop cleanly (killed or crashed?); its log is kept at {path}")
+

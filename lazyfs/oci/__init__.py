@@ -10,9 +10,10 @@ exactly the bytes asked for or raises one of :mod:`lazyfs.errors`.
                     httpx errors become ours; status mapping; safe URLs; HTTP loggers
     credentials.py  Secret, Credentials, docker's config.json
     auth.py         challenges, TokenCache, AuthSession, RegistryAuth (an httpx.Auth)
-    client.py       RegistryClient: resolve (index -> platform), config, blob readers,
-                    push; open_url_blob
-    blob.py         RemoteBlob: ranges, redirects, Content-Range
+    client.py       RegistryClient: resolve (index -> platform), fetch_manifest (as
+                    stored), config, blob readers, push; open_url_blob
+    blob.py         RemoteBlob: ranges, redirects, Content-Range; stream (whole blob,
+                    digest checked as it passes)
     push.py         uploads (monolithic, chunked), manifests, whole images
 
 Code outside this package imports from here only.
@@ -23,12 +24,16 @@ from lazyfs.oci.blob import RemoteBlob
 from lazyfs.oci.client import RegistryClient, ResolvedImage, open_url_blob
 from lazyfs.oci.credentials import Credentials, Secret, load_docker_credentials
 from lazyfs.oci.media import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
     MEDIA_DOCKER_MANIFEST,
     MEDIA_DOCKER_MANIFEST_LIST,
     MEDIA_OCI_CONFIG,
     MEDIA_OCI_INDEX,
     MEDIA_OCI_MANIFEST,
+    check_descriptor,
     default_platform,
+    parse_platform,
 )
 from lazyfs.oci.push import ImageLayer, image_config, image_manifest, push_image
 from lazyfs.oci.reference import Reference, is_loopback_host, parse_reference
@@ -47,6 +52,8 @@ __all__ = [
     "DEFAULT_OVERALL_TIMEOUT",
     "DEFAULT_RETRIES",
     "DEFAULT_TIMEOUT",
+    "INDEX_TYPES",
+    "MANIFEST_TYPES",
     "MEDIA_DOCKER_MANIFEST",
     "MEDIA_DOCKER_MANIFEST_LIST",
     "MEDIA_OCI_CONFIG",
@@ -61,6 +68,7 @@ __all__ = [
     "RemoteBlob",
     "ResolvedImage",
     "Secret",
+    "check_descriptor",
     "default_platform",
     "image_config",
     "image_manifest",
@@ -68,6 +76,7 @@ __all__ = [
     "load_docker_credentials",
     "open_url_blob",
     "parse_challenges",
+    "parse_platform",
     "parse_reference",
     "push_image",
     "quiet_library_loggers",

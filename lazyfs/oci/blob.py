@@ -9,13 +9,14 @@ public plumbing of a client (:class:`~lazyfs.oci.transport.Session`).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 
-from lazyfs.errors import FetchError
+from lazyfs.errors import FetchError, IntegrityError
 from lazyfs.oci.transport import (
     BlobStatistics,
     Counters,
@@ -231,6 +232,76 @@ class RemoteBlob:
         if len(buf) != length:
             raise Transient(f"{what}: truncated body ({len(buf)} of {length} bytes)")
         return bytes(buf)
+
+    async def stream(
+        self, sink: Callable[[bytes], Awaitable[None]], *, piece_size: int = 1 << 20
+    ) -> None:
+        """Send the whole blob to ``sink`` in order, in pieces of about ``piece_size``,
+        hashing as it passes. The last piece is held back until the byte count and
+        the digest match, so a consumer that saw the end has seen checked bytes;
+        on a mismatch ``sink`` never gets it and IntegrityError is raised.
+
+        A transfer cut short is resumed from where it stopped (a ranged GET), within
+        the client's retry budget; memory is bounded by ``piece_size``.
+        """
+        if self.digest is None or self.size < 0:
+            raise FetchError(f"{self.name}: streaming needs a digest and a size to check")
+        algo = self.digest.split(":", 1)[0]
+        state = {"received": 0}
+        hasher = hashlib.new(algo)
+        pending = bytearray()
+
+        async def flush(final: bool) -> None:
+            if final:
+                got = f"{algo}:{hasher.hexdigest()}"
+                if got != self.digest:
+                    raise IntegrityError(f"{self.name}: content hashes to {got}")
+            if pending:
+                piece = bytes(pending)
+                pending.clear()
+                await sink(piece)
+
+        async def rest() -> None:
+            start = state["received"]
+            headers = {"Accept-Encoding": "identity"}
+            if start:
+                headers["Range"] = f"bytes={start}-{self.size - 1}"
+            resp = await self._open(headers)
+            try:
+                encoding = resp.headers.get("content-encoding", "identity").lower()
+                if resp.status_code in (200, 206) and encoding != "identity":
+                    raise FetchError(f"{self.name}: server applied Content-Encoding {encoding!r}")
+                if resp.status_code == 206 and start:
+                    self._check_content_range(resp, start, self.size - 1, self.name)
+                    skip = 0
+                elif resp.status_code == 200:
+                    skip = start  # the whole blob again: drop what we already have
+                else:
+                    await raise_for_status(resp, self.name)
+                    raise FetchError(f"{self.name}: unexpected HTTP {resp.status_code}")
+                async for raw_piece in _raw_pieces(resp):
+                    piece = memoryview(raw_piece)
+                    self._client.count(self._counters, bytes_fetched=len(piece))
+                    if skip:
+                        cut = min(skip, len(piece))
+                        piece, skip = piece[cut:], skip - cut
+                    if state["received"] + len(piece) > self.size:
+                        raise IntegrityError(f"{self.name}: longer than its {self.size} bytes")
+                    hasher.update(piece)
+                    pending.extend(piece)
+                    state["received"] += len(piece)
+                    if len(pending) >= piece_size and state["received"] < self.size:
+                        await flush(final=False)
+            finally:
+                await resp.aclose()
+            if state["received"] != self.size:
+                raise Transient(
+                    f"{self.name}: body ended at byte {state['received']} of {self.size}"
+                )
+
+        if self.size:
+            await self._client.retrying(f"{self.name}: download", rest, self._counters)
+        await flush(final=True)
 
     async def probe_size(self) -> int:
         """The blob's size: HEAD's Content-Length, else a ``Range: bytes=0-0`` GET's Content-Range."""

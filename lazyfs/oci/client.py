@@ -312,6 +312,12 @@ class RegistryClient:
                 raise FormatError(f"{what}: unsupported manifest type {media_type or '(none)'}")
         return body, media_type, digest, verified
 
+    async def fetch_manifest(self, ref: Reference) -> tuple[bytes, str, str, bool]:
+        """``ref``'s manifest or index as stored, no platform picked: (bytes, media
+        type, digest, verified), the digest checked as :meth:`resolve` checks it."""
+        with self.deadline(f"{ref}: fetching the manifest"):
+            return await self._fetch_manifest(ref, ref.selector, expected=ref.digest)
+
     async def resolve(self, ref: Reference) -> ResolvedImage:
         """Fetch and check the image manifest (through an index if need be) and its config.
 

@@ -335,9 +335,11 @@ class NetProxy:
         for i in range(0, len(data), PIECE):
             piece = data[i : i + PIECE]
             await self._throttle(len(piece))
-            writer.write(piece)
+            # Count before writing: the peer may read the bytes (and ask for
+            # the counters) before this thread runs again.
             with self._lock:
                 self._bytes_sent += len(piece)
+            writer.write(piece)
             await writer.drain()
 
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

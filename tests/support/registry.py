@@ -424,3 +424,32 @@ async def push_image(
         indent=2,
     ).encode()
     return await client.push_manifest(ref, manifest, MEDIA_OCI_MANIFEST)
+
+
+def push_descriptors(registry: LocalRegistry, name: str, layers: list[tuple[bytes, dict]]) -> str:
+    """Push each blob under exactly the descriptor given (annotations, media
+    types and all, even wrong ones), plus a config and a manifest; returns
+    the reference. For tests that bend descriptors on purpose."""
+    import trio
+
+    from lazyfs.oci import parse_reference
+
+    ref = parse_reference(f"{registry.host}/test/{name}:v1")
+
+    async def go() -> None:
+        async with RegistryClient() as client:
+            for data, desc in layers:
+                await client.push_blob(ref, data, desc["digest"], len(data))
+            config = json.dumps({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+            config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+            await client.push_blob(ref, config, config_digest, len(config))
+            manifest = {
+                "schemaVersion": 2,
+                "mediaType": MEDIA_OCI_MANIFEST,
+                "config": {"mediaType": MEDIA_OCI_CONFIG, "digest": config_digest, "size": len(config)},
+                "layers": [desc for _, desc in layers],
+            }
+            await client.push_manifest(ref, json.dumps(manifest).encode(), MEDIA_OCI_MANIFEST)
+
+    trio.run(go)
+    return str(ref)

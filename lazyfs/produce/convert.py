@@ -1,0 +1,377 @@
+"""``lazyerofs convert`` as a library: an ordinary OCI or Docker image (layers
+tar, tar+gzip, tar+zstd) in, the same image with seekable EROFS layers out.
+
+Per layer, bounded memory throughout: the blob is streamed from the registry
+(its digest checked as it passes, the last piece held back until it matches)
+through the decompressor into :func:`~lazyfs.produce.tarstage.stage_tar`,
+a staging tree holding exactly the layer's changes with whiteouts in
+overlayfs form; then ``mkfs.erofs``, the seekable encoder, and a push (blobs
+the registry has are skipped). The new config is the old one with
+``rootfs.diff_ids`` replaced by the sha256 of the raw EROFS images (as
+containerd's converter records them); history, annotations and everything
+else are kept. An index in (with ``all_platforms``) gives an index out.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import trio
+
+from lazyfs.errors import FormatError, IntegrityError, LazyErofsError
+from lazyfs.format import DEFAULT_CHUNK_SIZE, encode_image
+from lazyfs.oci import (
+    INDEX_TYPES,
+    MEDIA_OCI_CONFIG,
+    MEDIA_OCI_INDEX,
+    MEDIA_OCI_MANIFEST,
+    Reference,
+    RegistryClient,
+    check_descriptor,
+)
+from lazyfs.produce.mkfs import make_erofs
+from lazyfs.produce.tarstage import DEFAULT_MAX_LAYER_BYTES
+from lazyfs.produce.unpack import ProgressFn, stage_layer
+
+__all__ = [
+    "LAYER_MEDIA_TYPES",
+    "ConvertOptions",
+    "ConvertReport",
+    "LayerReport",
+    "PlatformReport",
+    "convert_image",
+]
+
+log = logging.getLogger(__name__)
+
+_TAR = "application/vnd.oci.image.layer.v1.tar"
+_FOREIGN = "application/vnd.oci.image.layer.nondistributable.v1.tar"
+LAYER_MEDIA_TYPES = frozenset(
+    {
+        _TAR, _TAR + "+gzip", _TAR + "+zstd", _FOREIGN, _FOREIGN + "+gzip", _FOREIGN + "+zstd",
+        "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+    }
+)  # fmt: skip
+MAX_CONFIG_SIZE = 16 << 20
+_PIECE = 1 << 20
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    level: int = 3
+    dm_verity: bool = False
+    verity_block_size: int = 4096
+    all_platforms: bool = False
+    max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES
+    workdir: str | None = None  # staging and temporary images (default: $TMPDIR)
+
+
+@dataclass
+class LayerReport:
+    source_digest: str
+    source_media_type: str
+    source_size: int
+    tar_bytes: int  # uncompressed tar read
+    entries: int
+    digest: str
+    size: int
+    diff_id: str
+    image_size: int
+    uploaded: bool
+    seconds: float
+
+
+@dataclass
+class PlatformReport:
+    platform: str
+    source_digest: str
+    digest: str
+    size: int
+    layers: list[LayerReport] = field(default_factory=list)
+
+
+@dataclass
+class ConvertReport:
+    source: str
+    destination: str
+    digest: str  # what DST_REF now names: a manifest, or an index
+    media_type: str
+    platforms: list[PlatformReport] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def tar_bytes(self) -> int:
+        return sum(layer.tar_bytes for p in self.platforms for layer in p.layers)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["tar_bytes"] = self.tar_bytes
+        out["tar_mb_per_s"] = (
+            round(self.tar_bytes / 1e6 / self.seconds, 1) if self.seconds else None
+        )
+        return out
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+async def _convert_layer(
+    client: RegistryClient,
+    src: Reference,
+    dst: Reference,
+    desc: dict[str, Any],
+    work: str,
+    what: str,
+    options: ConvertOptions,
+    progress: ProgressFn,
+) -> tuple[LayerReport, dict[str, Any]]:
+    started = time.monotonic()
+    media_type = desc.get("mediaType", "")
+    if media_type not in LAYER_MEDIA_TYPES:
+        raise FormatError(f"{what}: media type {media_type!r} is not a tar layer this converts")
+    if desc.get("urls") and media_type.startswith(
+        (_FOREIGN, "application/vnd.docker.image.rootfs.foreign")
+    ):
+        log.warning("%s: foreign layer; fetching it from the registry, not from its urls", what)
+    stage_dir = os.path.join(work, "stage")
+    image = os.path.join(work, "layer.erofs")
+    blob_path = os.path.join(work, "layer.blob")
+    os.mkdir(stage_dir)
+    os.chmod(stage_dir, 0o755)  # the layer root's mode and owner, unless the tar says otherwise
+    os.chown(stage_dir, 0, 0)
+    try:
+        tar_bytes, entries = await stage_layer(
+            client, src, desc, stage_dir, what, options.max_layer_bytes, progress
+        )
+        staged = time.monotonic()
+        await trio.to_thread.run_sync(make_erofs, stage_dir, image)
+        made = time.monotonic()
+        log.info("%s: staged in %.2fs, mkfs in %.2fs", what, staged - started, made - staged)
+    finally:
+        await trio.to_thread.run_sync(shutil.rmtree, stage_dir)
+    try:
+        result = await trio.to_thread.run_sync(
+            functools.partial(
+                encode_image, image, blob_path, chunk_size=options.chunk_size,
+                level=options.level, dm_verity=options.dm_verity,
+                verity_block_size=options.verity_block_size,
+                progress=lambda done, total: progress(what, "encode", done, total),
+            )
+        )  # fmt: skip
+    finally:
+        os.unlink(image)
+    encoded = time.monotonic()
+    log.info("%s: encoded in %.2fs", what, encoded - made)
+    try:
+        descriptor = dict(result.descriptor)
+        annotations = {**(desc.get("annotations") or {}), **(descriptor.get("annotations") or {})}
+        if annotations:
+            descriptor["annotations"] = annotations
+        progress(what, "push", 0, descriptor["size"])
+        uploaded = await client.push_blob(dst, blob_path, descriptor["digest"], descriptor["size"])
+        progress(what, "push", descriptor["size"], descriptor["size"])
+    finally:
+        os.unlink(blob_path)
+    report = LayerReport(
+        source_digest=desc["digest"], source_media_type=media_type, source_size=desc["size"],
+        tar_bytes=tar_bytes, entries=entries, digest=descriptor["digest"],
+        size=descriptor["size"], diff_id=result.diff_id, image_size=result.uncompressed_size,
+        uploaded=uploaded, seconds=round(time.monotonic() - started, 3),
+    )  # fmt: skip
+    return report, descriptor
+
+
+async def _source_config(client: RegistryClient, src: Reference, desc: Any) -> dict[str, Any]:
+    desc = check_descriptor(desc, f"{src}: config")
+    if desc["size"] > MAX_CONFIG_SIZE:
+        raise FormatError(f"{src}: config of {desc['size']} bytes is over {MAX_CONFIG_SIZE}")
+    data = await client.blob(src, desc).read(0, desc["size"]) if desc["size"] else b""
+    algo = desc["digest"].split(":", 1)[0]
+    got = f"{algo}:{hashlib.new(algo, data).hexdigest()}"
+    if got != desc["digest"]:
+        raise IntegrityError(f"{src}: config hashes to {got}, not {desc['digest']}")
+    try:
+        config = json.loads(data)
+    except ValueError as exc:
+        raise FormatError(f"{src}: config is not JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise FormatError(f"{src}: config is not a JSON object")
+    return config
+
+
+def _platform_of(config: dict[str, Any]) -> str:
+    parts = [config.get("os"), config.get("architecture"), config.get("variant")]
+    return "/".join(str(p) for p in parts if p) or "unknown"
+
+
+async def _convert_manifest(
+    client: RegistryClient,
+    src: Reference,
+    source_digest: str,
+    manifest: dict[str, Any],
+    dst: Reference,
+    work: str,
+    options: ConvertOptions,
+    progress: ProgressFn,
+) -> tuple[PlatformReport, bytes]:
+    """Convert and push one image manifest's layers and config; the new manifest's
+    bytes are returned, not pushed (the caller knows under which name)."""
+    if manifest.get("schemaVersion") != 2:
+        raise FormatError(
+            f"{src}: manifest schemaVersion {manifest.get('schemaVersion')!r} is not 2"
+        )
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        raise FormatError(f"{src}: manifest has no 'layers' list")
+    for i, layer in enumerate(layers):
+        check_descriptor(layer, f"{src}: layer {i}")
+        if layer.get("mediaType") not in LAYER_MEDIA_TYPES:
+            raise FormatError(
+                f"{src}: layer {i} ({layer['digest']}) has media type "
+                f"{layer.get('mediaType')!r}, not a tar layer this converts"
+            )
+    config = await _source_config(client, src, manifest.get("config"))
+    rootfs = config.get("rootfs")
+    if not isinstance(rootfs, dict) or not isinstance(rootfs.get("diff_ids"), list):
+        raise FormatError(f"{src}: config has no rootfs.diff_ids")
+    if len(rootfs["diff_ids"]) != len(layers):
+        raise FormatError(
+            f"{src}: config lists {len(rootfs['diff_ids'])} diff_ids for {len(layers)} layers"
+        )
+    platform = _platform_of(config)
+    report = PlatformReport(platform=platform, source_digest=source_digest, digest="", size=0)
+    descriptors = []
+    for i, desc in enumerate(layers):
+        what = f"{src.name}@{source_digest[:19]} ({platform}) layer {i + 1}/{len(layers)} {desc['digest'][:19]}"
+        layer_report, descriptor = await _convert_layer(
+            client, src, dst, desc, work, what, options, progress
+        )
+        report.layers.append(layer_report)
+        descriptors.append(descriptor)
+    config["rootfs"] = {**rootfs, "diff_ids": [layer.diff_id for layer in report.layers]}
+    config_bytes = json.dumps(config, separators=(",", ":")).encode()
+    await client.push_blob(dst, config_bytes, _sha256(config_bytes), len(config_bytes))
+    out: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_OCI_MANIFEST,
+        "config": {
+            "mediaType": MEDIA_OCI_CONFIG,
+            "digest": _sha256(config_bytes),
+            "size": len(config_bytes),
+        },
+        "layers": descriptors,
+    }
+    if manifest.get("annotations"):
+        out["annotations"] = manifest["annotations"]
+    body = json.dumps(out, indent=2).encode()
+    report.digest, report.size = _sha256(body), len(body)
+    return report, body
+
+
+def _index_entries(index: dict[str, Any], src: Reference) -> list[dict[str, Any]]:
+    entries = index.get("manifests")
+    if not isinstance(entries, list):
+        raise FormatError(f"{src}: index has no 'manifests' list")
+    return [check_descriptor(e, f"{src}: index entry {i}") for i, e in enumerate(entries)]
+
+
+async def convert_image(
+    client: RegistryClient,
+    src: Reference,
+    dst: Reference,
+    options: ConvertOptions = ConvertOptions(),
+    *,
+    progress: ProgressFn = lambda what, stage, done, total: None,
+) -> ConvertReport:
+    """Convert ``src`` and push the result as ``dst`` (see the module's docstring).
+
+    Needs root: the staging tree keeps owners, device nodes and trusted.* xattrs.
+    """
+    if os.geteuid() != 0:
+        raise LazyErofsError(
+            "convert needs root: its staging tree keeps owners, device nodes and trusted.* xattrs"
+        )
+    started = time.monotonic()
+    work = tempfile.mkdtemp(prefix="lazyerofs-convert-", dir=options.workdir)
+    try:
+        if options.all_platforms:
+            body, media_type, digest, _ = await client.fetch_manifest(src)
+            if media_type in INDEX_TYPES:
+                report = await _convert_index(
+                    client, src, dst, json.loads(body), work, options, progress
+                )
+                report.seconds = round(time.monotonic() - started, 3)
+                return report
+        resolved = await client.resolve(src)
+        plat, body = await _convert_manifest(
+            client, src, resolved.digest, resolved.manifest, dst, work, options, progress
+        )
+        digest = await client.push_manifest(dst, body, MEDIA_OCI_MANIFEST)
+        report = ConvertReport(str(src), str(dst), digest, MEDIA_OCI_MANIFEST, [plat])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report.seconds = round(time.monotonic() - started, 3)
+    return report
+
+
+async def _convert_index(
+    client: RegistryClient,
+    src: Reference,
+    dst: Reference,
+    index: dict[str, Any],
+    work: str,
+    options: ConvertOptions,
+    progress: ProgressFn,
+) -> ConvertReport:
+    report = ConvertReport(str(src), str(dst), "", MEDIA_OCI_INDEX)
+    out_entries = []
+    for entry in _index_entries(index, src):
+        plat = entry.get("platform") if isinstance(entry.get("platform"), dict) else {}
+        label = "/".join(str(plat.get(k)) for k in ("os", "architecture", "variant") if plat.get(k))
+        if not label or label.startswith("unknown/"):
+            # buildkit's attestation manifests and other artifacts: not a root filesystem.
+            report.skipped.append(f"{entry['digest']} ({label or 'no platform'})")
+            continue
+        child = Reference(src.registry, src.repository, None, entry["digest"])
+        resolved = await client.resolve(child)
+        if resolved.index_digest is not None:
+            raise FormatError(f"{src}: index entry {entry['digest']} is itself an index")
+        plat_report, body = await _convert_manifest(
+            client, child, resolved.digest, resolved.manifest, dst, work, options, progress
+        )
+        digest = await client.push_manifest(
+            Reference(dst.registry, dst.repository, None, plat_report.digest),
+            body,
+            MEDIA_OCI_MANIFEST,
+        )
+        report.platforms.append(plat_report)
+        new_entry = {"mediaType": MEDIA_OCI_MANIFEST, "digest": digest, "size": len(body)}
+        for key in ("platform", "annotations"):
+            if key in entry:
+                new_entry[key] = entry[key]
+        out_entries.append(new_entry)
+    if not out_entries:
+        raise FormatError(f"{src}: index has no image for any platform to convert")
+    out: dict[str, Any] = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_OCI_INDEX,
+        "manifests": out_entries,
+    }
+    if index.get("annotations"):
+        out["annotations"] = index["annotations"]
+    body = json.dumps(out, indent=2).encode()
+    report.digest = await client.push_manifest(dst, body, MEDIA_OCI_INDEX)
+    return report

@@ -3,6 +3,8 @@
 Streams between two files with bounded memory; frames are compressed in
 threads (zstd releases the GIL) and written in order. Every frame carries its
 content size and a checksum; the chunk table carries each frame's SHA-512.
+The blob is a function of the image and the options alone (the dm-verity
+UUID included), so the same image always encodes to the same bytes.
 """
 
 from __future__ import annotations
@@ -159,7 +161,12 @@ def encode_image(
                 from lazyfs.format import verity, verity_build  # only needed here
 
                 src.seek(0)
-                vpayload, verity_root = verity_build.build_payload(src, usize, block_size=verity_block_size)
+                # The superblock UUID comes from the image, not from chance, so
+                # the same image always gives the same blob.
+                vpayload, verity_root = verity_build.build_payload(
+                    src, usize, block_size=verity_block_size,
+                    uuid=verity_build.content_uuid(image_hash.digest()),
+                )  # fmt: skip
                 annotations[ANNOTATION_VERITY_OFFSET] = str(position)
                 annotations[ANNOTATION_VERITY_ROOT] = f"sha512:{verity_root}"
                 verity_hash_offset = verity.materialized_hash_offset(usize, verity_block_size)

@@ -19,7 +19,7 @@ from lazyfs.format.verity_superblock import (
     ceil_div,
 )
 
-__all__ = ["build_payload", "verify_image"]
+__all__ = ["build_payload", "content_uuid", "verify_image"]
 
 # Streaming reads of the image go in this many bytes at a time.
 _READ_CHUNK = 1 << 20
@@ -54,6 +54,16 @@ class _LevelWriter:
         return bytes(self.data)
 
 
+def content_uuid(image_sha256: bytes) -> bytes:
+    """The verity superblock UUID a reproducible build uses: the first 16
+    bytes of the raw image's SHA-256 (its diff_id), with the version and
+    variant bits of a v4 UUID set, so it looks like the random one containerd
+    draws but the same image always gets the same one."""
+    if len(image_sha256) < 16:
+        raise FormatError(f"dm-verity: a UUID needs 16 digest bytes, got {len(image_sha256)}")
+    return uuid_mod.UUID(bytes=bytes(image_sha256[:16]), version=4).bytes
+
+
 def build_payload(
     image: BinaryIO,
     data_size: int,
@@ -73,7 +83,8 @@ def build_payload(
     Args:
         salt: defaults to no salt (containerd's converter sets none).
         uuid: 16 bytes; defaults to a random UUID (containerd draws one per
-            layer), so pass one to get reproducible bytes.
+            layer), so pass one to get reproducible bytes: the encoder passes
+            :func:`content_uuid` of the image's SHA-256.
 
     Returns:
         ``(superblock block + tree, root hash as lowercase hex)``.

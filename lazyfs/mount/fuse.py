@@ -217,6 +217,12 @@ class LazyFS(pyfuse3.Operations):
         except LazyErofsError as exc:
             log.error("read %s at %d+%d: %s", self._path(node), off, size, exc)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        except Exception:
+            # A bug below must cost one read, not the mount: an exception
+            # escaping a handler ends pyfuse3's loop, and a kernel mount
+            # waiting on this very read would then hang for ever.
+            log.exception("read %s at %d+%d failed unexpectedly", self._path(node), off, size)
+            raise pyfuse3.FUSEError(errno.EIO) from None
 
     async def release(self, fh: int) -> None:
         self._open.pop(fh, None)

@@ -99,7 +99,8 @@ async def open_image(
     else:
         client = await stack.enter_async_context(RegistryClient(registry))
         reference = parse_reference(ref)
-        resolved = await client.resolve(reference)
+        # A mount needs the layers only: the config would cost a round trip.
+        resolved = await client.resolve(reference, with_config=False)
         manifest = resolved.manifest_bytes
         descs = [(d, client.blob(reference, d)) for d in resolved.layers]
     mark("resolve")

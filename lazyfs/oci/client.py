@@ -45,6 +45,7 @@ from lazyfs.oci.reference import Reference
 from lazyfs.oci.transport import (
     BlobStatistics,
     Counters,
+    LazyTLSTransport,
     Origin,
     RegistryOptions,
     Transient,
@@ -123,13 +124,21 @@ class RegistryClient:
         self.options = options
         self.clock = clock
         self._platform = parse_platform(options.platform or default_platform())
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        if transport is None:
+            # No SSL context until the first https:// request (see LazyTLSTransport).
+            transport = LazyTLSTransport(
+                insecure_tls=options.insecure_tls, http2=options.http2, limits=limits
+            )
+        # ``verify`` still matters to the proxy transports httpx mounts from
+        # $HTTPS_PROXY and friends (built only when such variables are set).
         self.http = httpx.AsyncClient(
             transport=transport,
             verify=not options.insecure_tls,
             http2=options.http2,
             timeout=httpx.Timeout(options.timeout),
             follow_redirects=False,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=32),
+            limits=limits,
             headers={"User-Agent": "lazyerofs"},
         )
         self._counters = Counters()
@@ -318,15 +327,18 @@ class RegistryClient:
         with self.deadline(f"{ref}: fetching the manifest"):
             return await self._fetch_manifest(ref, ref.selector, expected=ref.digest)
 
-    async def resolve(self, ref: Reference) -> ResolvedImage:
+    async def resolve(self, ref: Reference, *, with_config: bool = True) -> ResolvedImage:
         """Fetch and check the image manifest (through an index if need be) and its config.
 
+        ``with_config=False`` skips the config blob (one request fewer; the
+        result's ``config`` is then None): a mount needs only the layers.
         The whole stage has one deadline (``RegistryOptions.overall_timeout``).
         """
-        with self.deadline(f"{ref}: resolving the manifest and config"):
-            return await self._resolve(ref)
+        stage = "the manifest and config" if with_config else "the manifest"
+        with self.deadline(f"{ref}: resolving {stage}"):
+            return await self._resolve(ref, with_config=with_config)
 
-    async def _resolve(self, ref: Reference) -> ResolvedImage:
+    async def _resolve(self, ref: Reference, *, with_config: bool) -> ResolvedImage:
         body, media_type, digest, verified = await self._fetch_manifest(
             ref, ref.selector, expected=ref.digest
         )
@@ -354,8 +366,9 @@ class RegistryClient:
         config = None
         config_desc = manifest.get("config")
         if config_desc is not None:
+            # Checked either way: a malformed config descriptor is a malformed manifest.
             config_desc = check_descriptor(config_desc, f"{ref}: config")
-            if config_desc["size"] <= MAX_CONFIG_SIZE:
+            if with_config and config_desc["size"] <= MAX_CONFIG_SIZE:
                 config = await self._fetch_config(ref, config_desc)
         return ResolvedImage(
             reference=ref, digest=digest, media_type=media_type, manifest_bytes=body,

@@ -35,6 +35,7 @@ __all__ = [
     "BlobStatistics",
     "BodyFactory",
     "Counters",
+    "LazyTLSTransport",
     "Origin",
     "RegistryOptions",
     "Session",
@@ -87,6 +88,51 @@ def base_url(options: RegistryOptions, host: str) -> str:
     if plain is None:
         plain = is_loopback_host(host)
     return f"{'http' if plain else 'https'}://{host}"
+
+
+class LazyTLSTransport(httpx.AsyncBaseTransport):
+    """Plain-HTTP requests go to a pool that does no TLS; the verifying TLS pool
+    is built on the first ``https://`` request.
+
+    Building a certificate-checking SSL context (loading the CA bundle) costs
+    ~0.1 s, which a mount from a loopback or ``--plain-http`` registry would
+    pay for nothing. The TLS pool is exactly what httpx builds for
+    ``verify=not insecure_tls`` (``SSL_CERT_FILE``/``SSL_CERT_DIR`` honoured),
+    only later.
+    """
+
+    def __init__(self, *, insecure_tls: bool, http2: bool, limits: httpx.Limits) -> None:
+        self._insecure_tls = insecure_tls
+        self._http2 = http2
+        self._limits = limits
+        # The plain pool gets a context that verifies but trusts no CA, so an
+        # https URL that ever reached it would fail closed, never go unchecked.
+        # (A bare context is cheap: no CA bundle is loaded.)
+        self._plain = httpx.AsyncHTTPTransport(
+            verify=ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), http2=http2, limits=limits
+        )
+        self._tls: httpx.AsyncHTTPTransport | None = None
+
+    @property
+    def tls_ready(self) -> bool:
+        """Whether the TLS pool (and its SSL context) has been built."""
+        return self._tls is not None
+
+    def _tls_pool(self) -> httpx.AsyncHTTPTransport:
+        if self._tls is None:
+            self._tls = httpx.AsyncHTTPTransport(
+                verify=not self._insecure_tls, http2=self._http2, limits=self._limits
+            )
+        return self._tls
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        pool = self._tls_pool() if request.url.scheme == "https" else self._plain
+        return await pool.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self._plain.aclose()
+        if self._tls is not None:
+            await self._tls.aclose()
 
 
 # --------------------------------------------------------------- logging

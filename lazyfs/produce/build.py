@@ -28,9 +28,17 @@ def build_blob(
     level: int = 3,
     dm_verity: bool = False,
     verity_block_size: int = 4096,
+    source_date_epoch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> EncodeResult:
-    """Encode SRC (a directory, through mkfs.erofs, or a raw EROFS image) to ``output``."""
+    """Encode SRC (a directory, through mkfs.erofs, or a raw EROFS image) to ``output``.
+
+    Reproducible: the same SRC and options give a byte-identical blob and
+    descriptor. For a directory, ``source_date_epoch`` (else the
+    ``SOURCE_DATE_EPOCH`` variable, else the tree's newest mtime) is the
+    image's build time and clamps newer mtimes (see :func:`make_erofs`); a raw
+    image is taken as it is.
+    """
     path = Path(src)
     if not path.exists():
         raise FormatError(f"{src}: no such file or directory")
@@ -50,7 +58,7 @@ def build_blob(
     if path.is_dir():
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             image = os.path.join(tmp, "layer.erofs")
-            make_erofs(path, image)
+            make_erofs(path, image, source_date_epoch=source_date_epoch)
             return encode_image(image, output, **opts)
     if not is_erofs_image(path):
         raise FormatError(f"{src}: not a directory and not a raw EROFS image (no superblock magic)")

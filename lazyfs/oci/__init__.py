@@ -32,6 +32,7 @@ from lazyfs.oci.media import (
     MEDIA_OCI_INDEX,
     MEDIA_OCI_MANIFEST,
     check_descriptor,
+    check_image_manifest,
     default_platform,
     parse_platform,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "ResolvedImage",
     "Secret",
     "check_descriptor",
+    "check_image_manifest",
     "default_platform",
     "image_config",
     "image_manifest",

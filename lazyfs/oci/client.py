@@ -37,6 +37,7 @@ from lazyfs.oci.media import (
     MEDIA_OCI_INDEX,
     MEDIA_OCI_MANIFEST,
     check_descriptor,
+    check_image_manifest,
     default_platform,
     parse_platform,
     pick_platform,
@@ -354,15 +355,7 @@ class RegistryClient:
                     f"{ref}: index {index_digest} points at another index; nesting is not supported"
                 )
         manifest = json.loads(body)
-        if manifest.get("schemaVersion") != 2:
-            raise FormatError(
-                f"{ref}: manifest schemaVersion {manifest.get('schemaVersion')!r} is not 2"
-            )
-        layers = manifest.get("layers")
-        if not isinstance(layers, list):
-            raise FormatError(f"{ref}: manifest has no 'layers' list")
-        for i, layer in enumerate(layers):
-            check_descriptor(layer, f"{ref}: layer {i}")
+        layers = check_image_manifest(manifest, ref)
         config = None
         config_desc = manifest.get("config")
         if config_desc is not None:

@@ -20,6 +20,7 @@ __all__ = [
     "MEDIA_OCI_MANIFEST",
     "Platform",
     "check_descriptor",
+    "check_image_manifest",
     "default_platform",
     "parse_platform",
     "pick_platform",
@@ -78,6 +79,16 @@ def check_descriptor(desc: object, what: str) -> dict[str, Any]:
     if not isinstance(desc.get("mediaType", ""), str):
         raise FormatError(f"{what}: mediaType is not a string")
     return desc
+
+
+def check_image_manifest(manifest: Mapping[str, Any], what: object) -> list[dict[str, Any]]:
+    """The layer descriptors of an image manifest (schemaVersion 2), each checked."""
+    if manifest.get("schemaVersion") != 2:
+        raise FormatError(f"{what}: manifest schemaVersion {manifest.get('schemaVersion')!r} is not 2")
+    layers = manifest.get("layers")
+    if not isinstance(layers, list):
+        raise FormatError(f"{what}: manifest has no 'layers' list")
+    return [check_descriptor(layer, f"{what}: layer {i}") for i, layer in enumerate(layers)]
 
 
 def pick_platform(index: Mapping[str, Any], want: Platform, what: str) -> dict[str, Any]:

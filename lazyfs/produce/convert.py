@@ -37,6 +37,7 @@ from lazyfs.oci import (
     Reference,
     RegistryClient,
     check_descriptor,
+    check_image_manifest,
 )
 from lazyfs.produce.mkfs import make_erofs
 from lazyfs.produce.tarstage import DEFAULT_MAX_LAYER_BYTES
@@ -229,15 +230,8 @@ async def _convert_manifest(
 ) -> tuple[PlatformReport, bytes]:
     """Convert and push one image manifest's layers and config; the new manifest's
     bytes are returned, not pushed (the caller knows under which name)."""
-    if manifest.get("schemaVersion") != 2:
-        raise FormatError(
-            f"{src}: manifest schemaVersion {manifest.get('schemaVersion')!r} is not 2"
-        )
-    layers = manifest.get("layers")
-    if not isinstance(layers, list):
-        raise FormatError(f"{src}: manifest has no 'layers' list")
+    layers = check_image_manifest(manifest, src)
     for i, layer in enumerate(layers):
-        check_descriptor(layer, f"{src}: layer {i}")
         if layer.get("mediaType") not in LAYER_MEDIA_TYPES:
             raise FormatError(
                 f"{src}: layer {i} ({layer['digest']}) has media type "

@@ -25,16 +25,13 @@ from pathlib import Path
 import httpx
 import pytest
 from support.registry import (
-    ISSUER,
     PASSWORD,
-    SERVICE,
     USERNAME,
     TLSRegistry,
-    TokenServer,
-    _need_registry,
     _self_signed,
     _started,
     push_image,
+    token_protected,
 )
 
 from lazyfs import cli
@@ -177,29 +174,10 @@ def trickle(h: BaseHTTPRequestHandler, declared: int, every: float = 0.2) -> Non
 @pytest.fixture
 def tls_token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TLSRegistry]:
     """A registry on HTTPS (so HTTP/2 can be negotiated) that wants bearer tokens."""
-    _need_registry()
-    pytest.importorskip("cryptography")
-    base = tmp_path_factory.mktemp("tls-token-registry")
-    tokens = TokenServer(base)
-    tokens.start()
-    try:
-        reg = TLSRegistry(
-            base / "storage",
-            auth_yaml=(
-                "  token:\n"
-                f"    realm: {tokens.realm}\n"
-                f"    service: {SERVICE}\n"
-                f"    issuer: {ISSUER}\n"
-                f"    rootcertbundle: {tokens.bundle}\n"
-            ),
-        )
+    with token_protected(tmp_path_factory, TLSRegistry, "tls-token-registry") as (reg, _, base):
+        assert isinstance(reg, TLSRegistry)
         reg.cert, reg.key = _self_signed(base)
-        try:
-            yield _started(reg)
-        finally:
-            reg.stop()
-    finally:
-        tokens.stop()
+        yield _started(reg)
 
 
 async def test_bearer_token_never_reaches_the_log_through_http2_header_logging(

@@ -104,10 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, args.log_level.upper()),
         format="lazyerofs: %(levelname)s: %(name)s: %(message)s",
     )
-    # HTTP libraries log request URLs (signed queries) and, at DEBUG, headers
-    # (bearer tokens): never below WARNING, whatever --log-level says.
-    for name in ("httpx", "httpcore", "hpack", "h2"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # The HTTP libraries' loggers are held at WARNING by every RegistryClient
+    # (lazyfs.oci quiet_library_loggers), which is what reads $LAZYEROFS_DEBUG_HTTP.
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

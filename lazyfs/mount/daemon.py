@@ -55,8 +55,6 @@ __all__ = ["MountConfig", "run_mount", "unwrap_group"]
 
 log = logging.getLogger(__name__)
 
-# Libraries that log request URLs (signed queries) or headers at INFO/DEBUG.
-_CHATTY_LOGGERS = ("httpx", "httpcore", "hpack", "h2")
 # What an EROFS mount reads first: the superblock at 1024 and the metadata
 # just after it (all inside the first frame of any frame size).
 _SUPERBLOCK_AREA = 4096
@@ -372,8 +370,6 @@ def _setup_logging(cfg: MountConfig, stream: IO[str] | None) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s lazyerofs[%(process)d] %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(getattr(logging, cfg.log_level.upper()))
-    for name in _CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @contextlib.contextmanager

@@ -20,6 +20,7 @@ the test fails.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
 import hashlib
 import json
@@ -277,16 +278,20 @@ class TokenRegistry(LocalRegistry):
     token_server: TokenServer
 
 
-@pytest.fixture
-def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
-    """A registry that wants bearer tokens from ``.token_server`` (anonymous: pull only)."""
+@contextlib.contextmanager
+def token_protected(
+    tmp_path_factory: pytest.TempPathFactory, cls: type[LocalRegistry], name: str
+) -> Iterator[tuple[LocalRegistry, TokenServer, Path]]:
+    """A registry of class ``cls`` that wants bearer tokens from its own token
+    server; yields (registry, token server, base dir) before the registry is
+    started, so the caller can finish setting it up (certificates...)."""
     _need_registry()
     pytest.importorskip("cryptography")
-    base = tmp_path_factory.mktemp("token-registry")
+    base = tmp_path_factory.mktemp(name)
     tokens = TokenServer(base)
     tokens.start()
     try:
-        reg = TokenRegistry(
+        reg = cls(
             base / "storage",
             auth_yaml=(
                 "  token:\n"
@@ -296,13 +301,21 @@ def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRe
                 f"    rootcertbundle: {tokens.bundle}\n"
             ),
         )
-        reg.token_server = tokens
         try:
-            yield _started(reg)
+            yield reg, tokens, base
         finally:
             reg.stop()
     finally:
         tokens.stop()
+
+
+@pytest.fixture
+def token_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TokenRegistry]:
+    """A registry that wants bearer tokens from ``.token_server`` (anonymous: pull only)."""
+    with token_protected(tmp_path_factory, TokenRegistry, "token-registry") as (reg, tokens, _):
+        assert isinstance(reg, TokenRegistry)
+        reg.token_server = tokens
+        yield _started(reg)
 
 
 class TLSRegistry(LocalRegistry):

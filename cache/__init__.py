@@ -19,12 +19,13 @@ The implementation lives in private modules; this is the whole public surface:
 
     _store.py   ChunkCache: the memory LRU, counters, when to scan
     _entry.py   one entry on disk: header, read (judging damage), write-then-rename
-    _dirs.py    the directory handles, and whether to trust them (owner, mode, no links)
+    _dirs.py    the directory handles, and whether to trust them (owner, mode, no links);
+                open_root/open_dir are public, for side stores kept in the cache dir
     _evict.py   scanning the directory, LRU eviction, stale temp files
     _sizes.py   human sizes and the default cache location
 """
 
-from cache._dirs import CacheError
+from cache._dirs import CacheError, open_dir, open_root
 from cache._evict import CacheEntry
 from cache._sizes import default_cache_dir, format_size, parse_size
 from cache._store import DEFAULT_MAX_BYTES, DEFAULT_MEMORY_BYTES, CacheStatistics, ChunkCache
@@ -38,5 +39,7 @@ __all__ = [
     "ChunkCache",
     "default_cache_dir",
     "format_size",
+    "open_dir",
+    "open_root",
     "parse_size",
 ]

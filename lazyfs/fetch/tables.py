@@ -26,6 +26,7 @@ import secrets
 import stat
 from pathlib import Path
 
+from cache import CacheError, open_dir, open_root
 from lazyfs.format import MAX_TABLE_SIZE, check_digest
 
 __all__ = ["TABLES_DIR", "TableStore"]
@@ -33,7 +34,6 @@ __all__ = ["TABLES_DIR", "TableStore"]
 log = logging.getLogger(__name__)
 
 TABLES_DIR = "tables"
-_DIR_MODE = 0o700
 _FILE_MODE = 0o600
 _OPEN = os.O_CLOEXEC | os.O_NOFOLLOW
 
@@ -123,32 +123,19 @@ class TableStore:
             os.unlink(name, dir_fd=d)
 
     def _dir(self, *, create: bool) -> int | None:
-        """An fd of the tables directory (checked), or None."""
-        if self._refused:
+        """An fd of the tables directory, checked the way the chunk cache
+        checks its own (a real directory, ours, 0700), or None."""
+        if self._refused or (not create and not os.path.lexists(self.root)):
             return None
         try:
-            root = os.open(self.cache_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            if create:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(TABLES_DIR, _DIR_MODE, dir_fd=root)
+            root = open_root(str(self.cache_root))
             try:
-                d = os.open(TABLES_DIR, os.O_RDONLY | os.O_DIRECTORY | _OPEN, dir_fd=root)
-            except FileNotFoundError:
-                return None
-            except OSError as exc:  # a symbolic link (ELOOP), not a directory
-                self._refuse(f"cannot open it: {exc.strerror}")
-                return None
-        finally:
-            os.close(root)
-        st = os.fstat(d)
-        if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-            os.close(d)
-            self._refuse(f"owned by uid {st.st_uid} with mode {stat.S_IMODE(st.st_mode):o}; it must be ours, 0700")
+                return open_dir(root, TABLES_DIR, str(self.root))
+            finally:
+                os.close(root)
+        except CacheError as exc:
+            self._refuse(str(exc))
             return None
-        return d
 
     def _refuse(self, why: str) -> None:
         self._refused = True

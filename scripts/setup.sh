@@ -12,6 +12,8 @@ DEB_PACKAGES=(
   zstd                            # the plain zstd CLI, for interop tests
   util-linux curl                 # losetup, mount; curl for raw registry calls in tests
   debootstrap                     # the benchmark's Debian rootfs
+  containerd runc                 # the snapshotter's end-to-end tests and benchmark
+  skopeo                          # images in other formats (OCI layouts) for convert tests
   python3-venv python3-dev gcc
 )
 

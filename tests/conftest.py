@@ -10,6 +10,7 @@ import pytest
 pytest_plugins = [
     "support.registry",  # real docker-registry instances, fault proxy
     "support.mount",  # FUSE/EROFS mounts with finalizers
+    "support.containerd",  # containerd + runc + the lazyerofs snapshotter
 ]
 
 

@@ -37,8 +37,11 @@ COMMAND_MODULES = (
     "convert",
     "mount",
     "umount",
+    "snapshotter",
+    "pull",
     "status",
     "stats",
+    "profile",
     "verify",
     "cache",
 )

@@ -20,7 +20,7 @@ from lazyfs.oci import (
     RegistryOptions,
 )
 
-__all__ = ["add_registry_options", "options_from_args"]
+__all__ = ["add_registry_options", "options_from_args", "registry_argv"]
 
 _MARK = "_lazyerofs_registry_options"
 
@@ -130,3 +130,27 @@ def options_from_args(args: argparse.Namespace) -> RegistryOptions:
         platform=getattr(args, "platform", None),
         overall_timeout=getattr(args, "overall_timeout", DEFAULT_OVERALL_TIMEOUT),
     )
+
+
+def registry_argv(options: RegistryOptions) -> list[str]:
+    """The flags that ask a child ``lazyerofs`` command for ``options``
+    (all but the password, which goes to its stdin with --password-stdin)."""
+    argv = []
+    if options.plain_http is not None:
+        argv.append("--plain-http" if options.plain_http else "--no-plain-http")
+    if options.insecure_tls:
+        argv.append("--insecure-tls")
+    if options.username:
+        argv += ["--username", options.username]
+    if options.docker_config:
+        argv += ["--docker-config", os.fspath(options.docker_config)]
+    if options.platform:
+        argv += ["--platform", options.platform]
+    if options.http2:
+        argv.append("--http2")
+    argv += [
+        "--retries", str(options.retries),
+        "--timeout", repr(options.timeout),
+        "--overall-timeout", repr(options.overall_timeout),
+    ]
+    return argv

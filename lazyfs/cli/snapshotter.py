@@ -84,9 +84,11 @@ def run(args: argparse.Namespace) -> int:
     mount_args += args.mount_option
     if args.metrics and ":" not in args.metrics:
         raise MountError(f"--metrics wants HOST:PORT, not {args.metrics!r}")
-    # The snapshotter logs at info unless told otherwise: it is a service.
+    # The snapshotter logs at info unless told otherwise, with times: it is a service.
     if args.log_level == "warning":
         logging.getLogger().setLevel(logging.INFO)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s lazyerofs: %(levelname)s: %(name)s: %(message)s"))
     logging.getLogger("lazyfs").setLevel(logging.getLogger().level)
 
     from lazyfs.snapshotter.server import ServeConfig, serve

@@ -81,6 +81,8 @@ class RemoteLayers:
         self.password = password
         self.log_level = log_level
         self._locks: dict[str, threading.Lock] = {}
+        # manifest digest -> {layer digest: its file in the image tree}
+        self._files: dict[str, dict[str, str]] = {}
         self._locks_guard = threading.Lock()
 
     def _lock(self, digest: str) -> threading.Lock:
@@ -112,9 +114,11 @@ class RemoteLayers:
                 raise RemoteError(f"image reference {image_ref!r}: {exc}") from exc
             target = self.images_dir / _image_dir_name(manifest_digest)
             target.mkdir(mode=0o700, exist_ok=True)
+            self._files.pop(manifest_digest, None)
             self._run_mount(ref, target)
             row = ImageRow(manifest_digest, ref, str(target))
             self.store.add_image(row)
+            self._warm(row)
             return row, True
 
     def _run_mount(self, ref: str, target: Path) -> None:
@@ -141,17 +145,46 @@ class RemoteLayers:
             why = proc.stderr.strip().splitlines()
             raise RemoteError(f"cannot mount {ref}: {why[-1] if why else f'exit status {proc.returncode}'}")
 
-    def layer_file(self, row: ImageRow, layer_digest: str) -> str | None:
-        """The image tree's file of ``layer_digest``, or None when the image
-        has no such EROFS layer (not seekable EROFS, or not in the image)."""
+    def layer_files(self, row: ImageRow) -> dict[str, str]:
+        """{layer digest: file} of the image's EROFS layers (asked once per mount)."""
+        known = self._files.get(row.digest)
+        if known is not None:
+            return known
         stats, why = probe_stats(row.dir, PROBE_TIMEOUT)
         if stats is None:
             raise RemoteError(f"image {row.ref} does not answer: {why}")
         layers = stats.get("layers")
-        for entry in layers if isinstance(layers, list) else []:
-            if isinstance(entry, dict) and entry.get("digest") == layer_digest:
-                return os.path.join(row.dir, "layers", str(entry.get("index")), "layer.erofs")
-        return None
+        files = {
+            entry["digest"]: os.path.join(row.dir, "layers", str(entry.get("index")), "layer.erofs")
+            for entry in (layers if isinstance(layers, list) else [])
+            if isinstance(entry, dict) and isinstance(entry.get("digest"), str)
+        }
+        self._files[row.digest] = files
+        return files
+
+    def layer_file(self, row: ImageRow, layer_digest: str) -> str | None:
+        """The image tree's file of ``layer_digest``, or None when the image
+        has no such EROFS layer (not seekable EROFS, or not in the image)."""
+        return self.layer_files(row).get(layer_digest)
+
+    def _warm(self, row: ImageRow) -> None:
+        """Start fetching every layer's first frame now, all at once: the
+        kernel mount of each layer reads its superblock there, and containerd
+        prepares the layers one after another."""
+
+        def read_head(path: str) -> None:
+            try:
+                with open(path, "rb") as f:
+                    f.read(4096)
+            except OSError as exc:
+                log.debug("early read of %s: %s", path, exc)
+
+        try:
+            files = list(self.layer_files(row).values())
+        except RemoteError:
+            return
+        for path in files:
+            threading.Thread(target=read_head, args=(path,), name="warm", daemon=True).start()
 
     def release(self, manifest_digest: str) -> None:
         """Unmount the image when no snapshot uses it any more."""
@@ -160,6 +193,7 @@ class RemoteLayers:
             if row is None or self.store.image_users(manifest_digest):
                 return
             self._unmount_dir(row.dir)
+            self._files.pop(manifest_digest, None)
             self.store.drop_image(manifest_digest)
             shutil.rmtree(row.dir, ignore_errors=True)
 

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import stat
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,6 +232,7 @@ class Snapshotter:
         found = self._remote_layer(labels)
         assert found is not None
         image_ref, manifest, layer = found
+        t0 = time.monotonic()
         try:
             row, _ = self.remote.ensure_image(image_ref, manifest)
         except LazyErofsError as exc:
@@ -251,7 +253,7 @@ class Snapshotter:
             self._remove_dir(self.dir_of(snap))
             self.remote.release(manifest)
             return False
-        log.info("layer %s of %s mounted lazily as %s", layer, image_ref, target)
+        log.info("layer %s of %s mounted lazily as %s in %.2fs", layer, image_ref, target, time.monotonic() - t0)
         return True
 
     def _discard(self, snap: Snapshot) -> None:

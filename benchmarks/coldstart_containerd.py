@@ -23,8 +23,6 @@ Run: ``.venv/bin/python -m benchmarks.coldstart_containerd`` (root). Writes
 from __future__ import annotations
 
 import argparse
-import gzip
-import hashlib
 import json
 import os
 import platform
@@ -37,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _image
-from tests.support.containerd import Containerd, Snapshotter
+from tests.support.containerd import Containerd, Snapshotter, push_tar_image
 from tests.support.localregistry import LocalRegistry
 from tests.support.netproxy import NetProxy
 
@@ -46,7 +44,6 @@ WORK = HERE / ".work"
 RESULTS = HERE / "results"
 LAZYEROFS = [sys.executable, "-m", "lazyfs.cli"]
 WORKLOAD = ["python3", "-c", "import json, email, http.client, decimal, asyncio, logging, argparse, subprocess"]
-ENV_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -96,65 +93,6 @@ def layer_trees(work: Path) -> list[Path]:
     trees = _image.split_tree(root, out)
     stamp.write_text(key)
     return trees
-
-
-def tar_gzip(tree: Path, dest: Path) -> tuple[bytes, str]:
-    """(tar.gz bytes, diff_id) of ``tree``, as docker/buildkit would make the layer."""
-    tar = subprocess.run(
-        ["tar", "--numeric-owner", "--xattrs", "--sort=name", "--mtime=@0", "-C", str(tree), "-cf", "-", "."],
-        capture_output=True,
-        check=True,
-    ).stdout
-    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
-    blob = gzip.compress(tar, compresslevel=6, mtime=0)
-    dest.write_bytes(blob)
-    return blob, diff_id
-
-
-def push_tar_image(trees: list[Path], registry: LocalRegistry, ref_text: str, work: Path) -> dict[str, Any]:
-    import trio
-
-    from lazyfs.oci import RegistryClient, parse_reference
-
-    layers = []
-    for tree in trees:
-        blob, diff_id = tar_gzip(tree, work / f"{tree.name}.tar.gz")
-        layers.append((blob, diff_id))
-    config = json.dumps(
-        {
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {"Env": [ENV_PATH]},
-            "rootfs": {"type": "layers", "diff_ids": [d for _b, d in layers]},
-        }
-    ).encode()
-    descs = [
-        {
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": "sha256:" + hashlib.sha256(b).hexdigest(),
-            "size": len(b),
-        }
-        for b, _d in layers
-    ]
-    config_desc = {
-        "mediaType": "application/vnd.oci.image.config.v1+json",
-        "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
-        "size": len(config),
-    }
-    manifest = json.dumps(
-        {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config_desc, "layers": descs}
-    ).encode()
-    ref = parse_reference(ref_text)
-
-    async def go() -> None:
-        async with RegistryClient() as client:
-            for (blob, _d), desc in zip(layers, descs, strict=True):
-                await client.push_blob(ref, blob, desc["digest"], len(blob))
-            await client.push_blob(ref, config, config_desc["digest"], len(config))
-            await client.push_manifest(ref, manifest, "application/vnd.oci.image.manifest.v1+json")
-
-    trio.run(go)
-    return {"blob_bytes": sum(d["size"] for d in descs), "layers": len(descs)}
 
 
 def push_erofs_image(trees: list[Path], ref: str, chunk_size: str) -> dict[str, Any]:
@@ -257,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     registry = LocalRegistry(storage)
     registry.start()
     try:
-        tgz = push_tar_image(trees, registry, f"{registry.host}/bench/debian:tgz", work)
+        tgz = push_tar_image(trees, f"{registry.host}/bench/debian:tgz", work)
         erofs = push_erofs_image(trees, f"{registry.host}/bench/debian:erofs", args.chunk_size)
         print(f"[bench] pushed tar+gzip ({tgz['blob_bytes'] / 1e6:.1f} MB) and seekable EROFS images", flush=True)
         points = []

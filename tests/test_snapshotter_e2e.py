@@ -15,7 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from support.containerd import Containerd, Snapshotter, python_rootfs
+from support.containerd import Containerd, Snapshotter, push_tar_image, python_rootfs
 from support.localregistry import LocalRegistry
 
 from lazyfs.mount import kernel
@@ -174,3 +174,53 @@ def test_removing_container_image_and_snapshots_leaves_no_mount(containerd_env, 
     assert ctd.ctr("snapshots", "--snapshotter", "lazyerofs", "ls").stdout.split()[3:] == []
     assert list((sn.root / "images").iterdir()) == []
     assert list((sn.root / "snapshots").iterdir()) == []
+
+
+def test_an_ordinary_tar_image_pulled_by_containerd_runs_on_the_snapshotter(containerd_env, module_registry, tmp_path):
+    """Layers that are not EROFS get ordinary snapshots that containerd
+    fills itself (Prepare, apply, Commit, then View/Prepare for the rootfs)."""
+    ctd, sn = containerd_env
+    base, py = python_rootfs(tmp_path / "trees")
+    top = tmp_path / "trees/top"
+    (top / "etc").mkdir(parents=True)
+    (top / "etc/greeting").write_text("from a tar layer\n")
+    ref = f"{module_registry.host}/test/tar:v1"
+    push_tar_image([base, py, top], ref, tmp_path)
+    ctd.ctr("images", "pull", "--plain-http", "--snapshotter", "lazyerofs", ref, timeout=300)
+    run = ctd.ctr(
+        "run", "--rm", "--snapshotter", "lazyerofs", ref, "tar1",
+        "python3", "-c", "print(open('/etc/greeting').read().strip())",
+    )  # fmt: skip
+    assert run.stdout.strip() == "from a tar layer"
+    # Nothing lazy here: no image daemon, no layer mount.
+    assert list((sn.root / "images").iterdir()) == []
+    snaps = ctd.ctr("snapshots", "--snapshotter", "lazyerofs", "ls").stdout.splitlines()[1:]
+    assert len(snaps) == 3 and all(line.split()[-1] == "Committed" for line in snaps)
+
+
+def test_metrics_report_per_image_fetches_and_snapshots(containerd_env, py_image):
+    from support.localregistry import free_port
+
+    ctd, sn = containerd_env
+    port = free_port()
+    sn.stop()
+    sn.extra = ("--metrics", f"127.0.0.1:{port}")
+    sn.start()
+    ctd.wait_snapshotter()
+    lazy_pull(ctd, py_image)
+    ctd.ctr("run", "--rm", "--snapshotter", "lazyerofs", py_image, "m1", "python3", "-c", "import json")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("lazyerofs_"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    image = next(k for k in samples if k.startswith("lazyerofs_image_up{")).split('"')[1]
+    assert image.startswith(py_image.split(":v1")[0]) and "@sha256:" in image
+    assert samples[f'lazyerofs_image_up{{image="{image}"}}'] == 1
+    assert samples[f'lazyerofs_fetched_bytes_total{{image="{image}"}}'] > 0
+    assert samples[f'lazyerofs_requests_total{{image="{image}"}}'] > 0
+    assert samples[f'lazyerofs_verify_failures_total{{image="{image}"}}'] == 0
+    assert samples['lazyerofs_snapshots{kind="remote"}'] == 3
+    assert samples['lazyerofs_snapshotter_calls_total{method="Prepare"}'] >= 4

@@ -8,6 +8,9 @@ containers to run, built in a second instead of a debootstrap's minutes.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import json
 import os
 import shutil
 import signal
@@ -16,10 +19,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-__all__ = ["Containerd", "Snapshotter", "ctr", "python_rootfs"]
+__all__ = ["Containerd", "Snapshotter", "ctr", "push_tar_image", "python_rootfs"]
+
+ENV_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 PYTHON = "/usr/bin/python3.11"
 # Parts of the stdlib a container test never imports.
@@ -61,6 +67,66 @@ def python_rootfs(dest: Path) -> tuple[Path, Path]:
         ignore=lambda _d, names: [n for n in names if n in _STDLIB_SKIP],
     )
     return base, py
+
+
+def tar_gzip(tree: Path, dest: Path) -> tuple[bytes, str]:
+    """(tar.gz bytes, diff_id) of ``tree``, as docker/buildkit would make the layer."""
+    tar = subprocess.run(
+        ["tar", "--numeric-owner", "--xattrs", "--sort=name", "--mtime=@0", "-C", str(tree), "-cf", "-", "."],
+        capture_output=True,
+        check=True,
+    ).stdout
+    diff_id = "sha256:" + hashlib.sha256(tar).hexdigest()
+    blob = gzip.compress(tar, compresslevel=6, mtime=0)
+    dest.write_bytes(blob)
+    return blob, diff_id
+
+
+def push_tar_image(trees: list[Path], ref_text: str, work: Path) -> dict[str, Any]:
+    """Push ``trees`` (bottom first) as an ordinary OCI image with tar+gzip layers."""
+    import trio
+
+    from lazyfs.oci import RegistryClient, parse_reference
+
+    layers = []
+    for tree in trees:
+        blob, diff_id = tar_gzip(tree, work / f"{tree.name}.tar.gz")
+        layers.append((blob, diff_id))
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {"Env": [ENV_PATH]},
+            "rootfs": {"type": "layers", "diff_ids": [d for _b, d in layers]},
+        }
+    ).encode()
+    descs = [
+        {
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": "sha256:" + hashlib.sha256(b).hexdigest(),
+            "size": len(b),
+        }
+        for b, _d in layers
+    ]
+    config_desc = {
+        "mediaType": "application/vnd.oci.image.config.v1+json",
+        "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+        "size": len(config),
+    }
+    manifest = json.dumps(
+        {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json", "config": config_desc, "layers": descs}
+    ).encode()
+    ref = parse_reference(ref_text)
+
+    async def go() -> None:
+        async with RegistryClient() as client:
+            for (blob, _d), desc in zip(layers, descs, strict=True):
+                await client.push_blob(ref, blob, desc["digest"], len(blob))
+            await client.push_blob(ref, config, config_desc["digest"], len(config))
+            await client.push_manifest(ref, manifest, "application/vnd.oci.image.manifest.v1+json")
+
+    trio.run(go)
+    return {"blob_bytes": sum(d["size"] for d in descs), "layers": len(descs)}
 
 
 def ctr(address: str, *args: str, namespace: str = "default", timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:

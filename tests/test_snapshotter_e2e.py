@@ -224,3 +224,21 @@ def test_metrics_report_per_image_fetches_and_snapshots(containerd_env, py_image
     assert samples[f'lazyerofs_verify_failures_total{{image="{image}"}}'] == 0
     assert samples['lazyerofs_snapshots{kind="remote"}'] == 3
     assert samples['lazyerofs_snapshotter_calls_total{method="Prepare"}'] >= 4
+
+
+def test_by_default_the_rest_of_the_image_is_fetched_in_the_background(containerd_env, py_image):
+    ctd, sn = containerd_env
+    sn.stop()
+    sn.extra = ()
+    sn.start()
+    ctd.wait_snapshotter()
+    lazy_pull(ctd, py_image)
+    deadline = time.monotonic() + 60
+    while True:
+        layers = image_stats(sn)["layers"]
+        if all(layer["frames_present"] == layer["frames_total"] for layer in layers):
+            break
+        assert time.monotonic() < deadline, layers
+        time.sleep(0.2)
+    run = ctd.ctr("run", "--rm", "--snapshotter", "lazyerofs", py_image, "p1", "python3", "-c", "import json; print('warm')")
+    assert run.stdout.strip() == "warm"

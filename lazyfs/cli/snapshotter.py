@@ -60,6 +60,12 @@ examples:
     g = p.add_argument_group("lazy mounts (passed to each image's 'lazyerofs mount')")
     g.add_argument("--cache-dir", metavar="DIR", help="chunk cache directory (default: /var/cache/lazyerofs)")
     g.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="disk budget of the chunk cache, e.g. 10GiB")
+    g.add_argument(
+        "--no-prefetch",
+        action="store_true",
+        help="fetch only what containers read (default: once an image is mounted, fetch the rest in the background, "
+        "pausing while reads wait, as stargz and nydus snapshotters do)",
+    )
     g.add_argument("--mount-option", action="append", default=[], metavar="FLAG", help="another 'lazyerofs mount' flag, e.g. --mount-option=--prefetch (repeatable)")
     add_registry_options(p)
     p.set_defaults(func=run)
@@ -81,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         mount_args += ["--cache-dir", os.path.abspath(args.cache_dir)]
     if args.cache_size:
         mount_args += ["--cache-size", str(args.cache_size)]
+    if not args.no_prefetch:
+        mount_args.append("--prefetch")
     mount_args += args.mount_option
     if args.metrics and ":" not in args.metrics:
         raise MountError(f"--metrics wants HOST:PORT, not {args.metrics!r}")

@@ -288,7 +288,8 @@ def containerd_env(tmp_path: Path) -> Iterator[tuple[Containerd, Snapshotter]]:
         pytest.skip("needs root")
     work = Path(f"/tmp/lzc-{os.getpid()}-{time.monotonic_ns() % 10**6}")  # short: socket paths <= 108 bytes
     work.mkdir()
-    sn = Snapshotter(work)
+    # Only what containers read: tests count fetched bytes.
+    sn = Snapshotter(work, extra=("--no-prefetch",))
     ctd = Containerd(work, sn)
     try:
         sn.start()

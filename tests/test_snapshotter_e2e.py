@@ -242,3 +242,20 @@ def test_by_default_the_rest_of_the_image_is_fetched_in_the_background(container
         time.sleep(0.2)
     run = ctd.ctr("run", "--rm", "--snapshotter", "lazyerofs", py_image, "p1", "python3", "-c", "import json; print('warm')")
     assert run.stdout.strip() == "warm"
+
+
+def test_a_layer_the_snapshotter_cannot_mount_fails_the_pull_clearly_and_leaves_nothing(containerd_env, py_image):
+    ctd, sn = containerd_env
+    sn.stop()
+    sn.extra = ("--no-prefetch", "--no-plain-http")  # it cannot reach the plain-HTTP registry
+    sn.start()
+    ctd.wait_snapshotter()
+    proc = subprocess.run(
+        [*LAZYEROFS, "pull", "--address", ctd.address, py_image], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 1
+    assert "did not mount layer 0" in proc.stderr and "see its log" in proc.stderr
+    assert "not lazily: cannot mount" in sn.log.read_text()
+    assert ctd.ctr("snapshots", "--snapshotter", "lazyerofs", "ls").stdout.splitlines()[1:] == []
+    assert mounts_under(sn.root) == []
+    assert ctd.ctr("images", "ls", "-q").stdout.strip() == ""

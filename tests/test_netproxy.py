@@ -164,3 +164,30 @@ def test_command_line_proxy_forwards_until_interrupted(registry: LocalRegistry):
             proc.communicate()
             raise
     assert "2 requests" in err
+
+
+def test_429_answers_with_retry_after_without_asking_upstream(registry: LocalRegistry, blob_url: str):
+    with NetProxy(upstream=registry.url) as proxy, httpx.Client(base_url=proxy.url) as http:
+        proxy.add_fault("429", count=1)
+        first = http.get(blob_url)
+        assert first.status_code == 429 and first.headers["retry-after"] == "1"
+        assert http.get(blob_url).content == BLOB
+
+
+def test_stall_holds_the_answer_for_stall_seconds(registry: LocalRegistry):
+    with NetProxy(upstream=registry.url) as proxy, httpx.Client(base_url=proxy.url) as http:
+        proxy.stall_seconds = 0.6
+        proxy.add_fault("stall", count=1)
+        started = time.monotonic()
+        assert http.get("/v2/").status_code == 200
+        assert time.monotonic() - started >= 0.6
+
+
+def test_trickle_sends_one_byte_a_second(registry: LocalRegistry, blob_url: str):
+    with NetProxy(upstream=registry.url) as proxy, httpx.Client(base_url=proxy.url, timeout=5) as http:
+        proxy.add_fault("trickle", count=1)
+        started = time.monotonic()
+        with http.stream("GET", blob_url, headers={"Range": "bytes=0-2"}) as resp:
+            got = b"".join(resp.iter_raw())
+        assert got == BLOB[:3]
+        assert time.monotonic() - started >= 1.9  # bytes at 0 s, 1 s, 2 s

@@ -8,8 +8,10 @@ between the client and the registry instead. It adds:
 * a bandwidth cap shared by all connections: response bodies go out in
   pieces over one FIFO "link" of ``bandwidth_bps`` bits per second;
 * faults chosen by rules that can change at runtime: a connection reset, a
-  503, a truncated body, a 200 with the whole blob for a range request
-  (the Range header is dropped on the way up), corrupted body bytes.
+  503, a 429 with Retry-After, a truncated body, a 200 with the whole blob
+  for a range request (the Range header is dropped on the way up),
+  corrupted body bytes, a stall before answering, a one-byte-per-second
+  trickle.
 
 It streams in pieces (nothing is buffered whole) and forwards ``Host``
 unchanged, so the registry builds upload and redirect URLs that point back
@@ -47,7 +49,10 @@ STATUS_503 = "503"  # answer 503 Service Unavailable without asking upstream
 TRUNCATE = "truncate"  # send the head and about half the body, then reset
 IGNORE_RANGE = "ignore-range"  # drop the Range header: upstream answers 200 with everything
 CORRUPT = "corrupt"  # flip one byte in the middle of the body's first piece
-FAULT_KINDS = (RESET, STATUS_503, TRUNCATE, IGNORE_RANGE, CORRUPT)
+STATUS_429 = "429"  # answer 429 Too Many Requests with Retry-After: 1, without asking upstream
+STALL = "stall"  # wait ``stall_seconds`` before forwarding (longer than a client's read deadline)
+TRICKLE = "trickle"  # send the response body one byte per second
+FAULT_KINDS = (RESET, STATUS_503, TRUNCATE, IGNORE_RANGE, CORRUPT, STATUS_429, STALL, TRICKLE)
 
 
 @dataclass
@@ -183,6 +188,7 @@ class NetProxy:
         self.upstream_netloc = u.netloc
         self.rtt = rtt
         self.bandwidth_bps = bandwidth_bps
+        self.stall_seconds = 60.0
         self.listen = listen
         self.port = 0
         self._rules: list[FaultRule] = []
@@ -426,11 +432,17 @@ class NetProxy:
             await asyncio.sleep(self.rtt)
         if fault == RESET:
             raise _Abort("injected reset")
-        if fault == STATUS_503:
+        if fault in (STATUS_503, STATUS_429):
             await self._relay_request_body(headers, reader, None)
-            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+                if fault == STATUS_503
+                else b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n"
+            )
             await writer.drain()
             return True, up
+        if fault == STALL:
+            await asyncio.sleep(self.stall_seconds)
         client_close = (_get(headers, "connection") or "").lower() == "close"
         if fault == IGNORE_RANGE:
             headers = _without(headers, "range", "if-range")
@@ -477,9 +489,16 @@ class NetProxy:
             total = int(length_header) if length_header and length_header.isdigit() else 2 * PIECE
             cut_after = max(0, total // 2 if total > 1 else 0)
         corrupt_pending = fault == CORRUPT
+        trickle = fault == TRICKLE
 
         async def out(data: bytes) -> None:
             nonlocal sent, corrupt_pending
+            if trickle:
+                for i in range(len(data)):
+                    writer.write(data[i : i + 1])
+                    await writer.drain()
+                    await asyncio.sleep(1.0)
+                return
             if corrupt_pending and data:
                 i = len(data) // 2
                 data = data[:i] + bytes([data[i] ^ 0xFF]) + data[i + 1 :]

@@ -26,6 +26,7 @@ from lazyfs.mount import FUSE_TYPE, is_our_daemon, kernel, load_state, unmount
 from lazyfs.mount.health import probe_stats
 from lazyfs.oci.reference import parse_reference
 from lazyfs.snapshotter.store import ImageRow, Snapshot, Store
+from lazyfs.snapshotter.zygote import Zygote
 
 __all__ = [
     "LABEL_IMAGE_REF",
@@ -73,6 +74,7 @@ class RemoteLayers:
         mount_args: Sequence[str] = (),
         password: str | None = None,
         log_level: str = "warning",
+        zygote: Zygote | None = None,
     ) -> None:
         self.images_dir = root / "images"
         self.images_dir.mkdir(mode=0o700, exist_ok=True)
@@ -80,6 +82,7 @@ class RemoteLayers:
         self.mount_args = list(mount_args)
         self.password = password
         self.log_level = log_level
+        self.zygote = zygote
         self._locks: dict[str, threading.Lock] = {}
         # manifest digest -> {layer digest: its file in the image tree}
         self._files: dict[str, dict[str, str]] = {}
@@ -122,28 +125,30 @@ class RemoteLayers:
             return row, True
 
     def _run_mount(self, ref: str, target: Path) -> None:
-        argv = [
-            sys.executable, "-m", "lazyfs.cli", "--log-level", self.log_level,
-            "mount", *self.mount_args, "--nonempty",
-        ]
+        argv = ["--log-level", self.log_level, "mount", *self.mount_args, "--nonempty"]
         if self.password is not None:
             argv.append("--password-stdin")
         argv += [ref, str(target)]
+        stdin = (self.password + "\n") if self.password is not None else None
         log.info("mounting image %s at %s", ref, target)
-        try:
-            proc = subprocess.run(
-                argv,
-                input=(self.password + "\n") if self.password is not None else None,
-                capture_output=True,
-                text=True,
-                timeout=MOUNT_TIMEOUT,
-            )
-        except subprocess.TimeoutExpired:
-            self._unmount_dir(str(target))
-            raise RemoteError(f"mounting {ref} took longer than {MOUNT_TIMEOUT:g}s") from None
-        if proc.returncode != 0:
-            why = proc.stderr.strip().splitlines()
-            raise RemoteError(f"cannot mount {ref}: {why[-1] if why else f'exit status {proc.returncode}'}")
+        done = self.zygote.run(argv, stdin, MOUNT_TIMEOUT) if self.zygote is not None else None
+        if done is None:  # no helper, or it is busy: a process of its own
+            try:
+                proc = subprocess.run(
+                    [sys.executable, "-m", "lazyfs.cli", *argv],
+                    input=stdin,
+                    capture_output=True,
+                    text=True,
+                    timeout=MOUNT_TIMEOUT,
+                )
+            except subprocess.TimeoutExpired:
+                self._unmount_dir(str(target))
+                raise RemoteError(f"mounting {ref} took longer than {MOUNT_TIMEOUT:g}s") from None
+            done = proc.returncode, proc.stderr
+        rc, stderr = done
+        if rc != 0:
+            why = stderr.strip().splitlines()
+            raise RemoteError(f"cannot mount {ref}: {why[-1] if why else f'exit status {rc}'}")
 
     def layer_files(self, row: ImageRow) -> dict[str, str]:
         """{layer digest: file} of the image's EROFS layers (asked once per mount)."""

@@ -34,6 +34,7 @@ from lazyfs.snapshotter.store import (
     Snapshot,
     Store,
 )
+from lazyfs.snapshotter.zygote import Zygote
 
 __all__ = ["ServeConfig", "serve"]
 
@@ -188,11 +189,14 @@ def serve(cfg: ServeConfig, *, ready: Callable[[], None] | None = None) -> int:
     cfg.root.mkdir(parents=True, exist_ok=True)
     os.chmod(cfg.root, 0o700)
     store = Store(cfg.root / "metadata.db")
-    remote = (
-        RemoteLayers(cfg.root, store, mount_args=cfg.mount_args, password=cfg.password, log_level=cfg.log_level)
-        if cfg.remote
-        else None
-    )
+    zygote = None
+    remote = None
+    if cfg.remote:
+        zygote = Zygote()
+        zygote.start()
+        remote = RemoteLayers(
+            cfg.root, store, mount_args=cfg.mount_args, password=cfg.password, log_level=cfg.log_level, zygote=zygote
+        )
     snapshotter = Snapshotter(cfg.root, store, remote)
     images, layers = snapshotter.recover()
     if images or layers:
@@ -228,6 +232,8 @@ def serve(cfg: ServeConfig, *, ready: Callable[[], None] | None = None) -> int:
         ready()
     stop.wait()
     server.stop(grace=5).wait()
+    if zygote is not None:
+        zygote.stop()
     store.close()
     with_socket = os.path.exists(sock)
     if with_socket:

@@ -80,6 +80,7 @@ def encode_image(
     verity_block_size: int = 4096,
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    fsync: bool = True,
 ) -> EncodeResult:
     """Write the seekable blob of the raw EROFS image at ``src_path``.
 
@@ -90,6 +91,8 @@ def encode_image(
     name is random and created exclusively without following symlinks, so
     nobody who can write the directory can redirect the write elsewhere.
     ``progress(done_bytes, total_bytes)`` is called after each frame.
+    ``fsync=False`` skips flushing the blob to disk, for a scratch blob that is
+    uploaded and deleted (convert) rather than kept.
     """
     if not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise ValueError(f"chunk size must be in 1..{MAX_CHUNK_SIZE}, got {chunk_size}")
@@ -172,7 +175,8 @@ def encode_image(
                 verity_hash_offset = verity.materialized_hash_offset(usize, verity_block_size)
                 emit(skippable_frame(vpayload))
             dst.flush()
-            os.fsync(dst.fileno())
+            if fsync:
+                os.fsync(dst.fileno())
         os.replace(tmp_path, dst_path)
     except BaseException:
         if tmp_path:

@@ -3,10 +3,12 @@ tar, tar+gzip, tar+zstd) in, the same image with seekable EROFS layers out.
 
 Per layer, bounded memory throughout: the blob is streamed from the registry
 (its digest checked as it passes, the last piece held back until it matches)
-through the decompressor into :func:`~lazyfs.produce.tarstage.stage_tar`,
-a staging tree holding exactly the layer's changes with whiteouts in
-overlayfs form; then ``mkfs.erofs``, the seekable encoder, and a push (blobs
-the registry has are skipped). The new config is the old one with
+through the decompressor (a thread of its own) into
+:func:`~lazyfs.produce.tarstage.stage_tar`, a staging tree holding exactly
+the layer's changes with whiteouts in overlayfs form; then ``mkfs.erofs``,
+the seekable encoder, and a push (blobs the registry has are skipped).
+Layers form a pipeline: the next layer is staged while the previous one goes
+through mkfs, encoding and push (see :func:`_convert_layers`). The new config is the old one with
 ``rootfs.diff_ids`` replaced by the sha256 of the raw EROFS images (as
 containerd's converter records them); history, annotations and everything
 else are kept. An index in (with ``all_platforms``) gives an index out.
@@ -14,12 +16,14 @@ else are kept. An index in (with ``all_platforms``) gives an index out.
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -91,6 +95,10 @@ class LayerReport:
     image_size: int
     uploaded: bool
     seconds: float
+    # wall seconds per stage: "stage" (download, digest, decompress, tar into the
+    # staging tree; these overlap), "wait" (for the previous layer's mkfs to
+    # start this one's), "mkfs", "encode", "push"; layers overlap each other
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -125,21 +133,54 @@ class ConvertReport:
         return out
 
 
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_IOC_SETFLAGS = 0x40086602
+_FS_TOPDIR_FL = 0x00020000
+
+
+def _spread_inodes(directory: str) -> None:
+    """Mark ``directory`` as a top of a hierarchy (``chattr +T``), best effort.
+
+    ext4's allocator then puts each new subdirectory (each layer's staging
+    tree) in a block group of its own instead of next to its parent. Why it
+    matters: on ext4 without a journal, creating an inode skips every inode of
+    its group freed in the last minutes, one by one; staging a layer right
+    where the previous layer's tree was just deleted made each file creation
+    cost a millisecond (measured: ~1000 us against ~40 us per file).
+    """
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        got = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, struct.pack("l", 0))
+        flags = struct.unpack("l", got)[0]
+        fcntl.ioctl(fd, _FS_IOC_SETFLAGS, struct.pack("l", flags | _FS_TOPDIR_FL))
+    except OSError:
+        pass  # not ext2/3/4 (tmpfs, xfs, btrfs...): nothing to gain there
+    finally:
+        os.close(fd)
+
+
 def _sha256(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-async def _convert_layer(
-    client: RegistryClient,
-    src: Reference,
-    dst: Reference,
-    desc: dict[str, Any],
-    work: str,
-    what: str,
-    options: ConvertOptions,
-    progress: ProgressFn,
-) -> tuple[LayerReport, dict[str, Any]]:
-    started = time.monotonic()
+@dataclass
+class _Staged:
+    """A layer whose tar is in its staging tree, waiting for mkfs, encode and push."""
+
+    desc: dict[str, Any]
+    media_type: str
+    what: str
+    stage_dir: str
+    tar_bytes: int
+    entries: int
+    started: float
+    staged: float
+
+
+def _check_layer(desc: dict[str, Any], what: str) -> str:
     media_type = desc.get("mediaType", "")
     if media_type not in LAYER_MEDIA_TYPES:
         raise FormatError(f"{what}: media type {media_type!r} is not a tar layer this converts")
@@ -147,22 +188,60 @@ async def _convert_layer(
         (_FOREIGN, "application/vnd.docker.image.rootfs.foreign")
     ):
         log.warning("%s: foreign layer; fetching it from the registry, not from its urls", what)
-    stage_dir = os.path.join(work, "stage")
-    image = os.path.join(work, "layer.erofs")
-    blob_path = os.path.join(work, "layer.blob")
+    return media_type
+
+
+async def _stage_layer(
+    client: RegistryClient,
+    src: Reference,
+    desc: dict[str, Any],
+    work: str,
+    what: str,
+    options: ConvertOptions,
+    progress: ProgressFn,
+) -> _Staged:
+    """Download, decompress and stage one layer (the first half of its conversion)."""
+    started = time.monotonic()
+    media_type = _check_layer(desc, what)
+    # A random name: with the work directory marked as a top directory (see
+    # _spread_inodes), ext4 places each tree in a block group of its own.
+    stage_dir = os.path.join(work, f"stage-{os.urandom(8).hex()}")
     os.mkdir(stage_dir)
-    os.chmod(stage_dir, 0o755)  # the layer root's mode and owner, unless the tar says otherwise
-    os.chown(stage_dir, 0, 0)
     try:
+        os.chmod(stage_dir, 0o755)  # the layer root's mode and owner, unless the tar says otherwise
+        os.chown(stage_dir, 0, 0)
         tar_bytes, entries = await stage_layer(
             client, src, desc, stage_dir, what, options.max_layer_bytes, progress
         )
-        staged = time.monotonic()
-        await trio.to_thread.run_sync(make_erofs, stage_dir, image)
-        made = time.monotonic()
-        log.info("%s: staged in %.2fs, mkfs in %.2fs", what, staged - started, made - staged)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(functools.partial(shutil.rmtree, stage_dir, ignore_errors=True))
+        raise
+    staged = time.monotonic()
+    log.info("%s: staged in %.2fs", what, staged - started)
+    return _Staged(desc, media_type, what, stage_dir, tar_bytes, entries, started, staged)
+
+
+async def _finish_layer(
+    client: RegistryClient,
+    dst: Reference,
+    layer: _Staged,
+    work: str,
+    options: ConvertOptions,
+    progress: ProgressFn,
+) -> tuple[LayerReport, dict[str, Any]]:
+    """mkfs, encode and push one staged layer (the second half of its conversion)."""
+    what, desc = layer.what, layer.desc
+    name = os.path.basename(layer.stage_dir)
+    image = os.path.join(work, f"{name}.erofs")
+    blob_path = os.path.join(work, f"{name}.blob")
+    begun = time.monotonic()
+    try:
+        await trio.to_thread.run_sync(make_erofs, layer.stage_dir, image)
     finally:
-        await trio.to_thread.run_sync(shutil.rmtree, stage_dir)
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(functools.partial(shutil.rmtree, layer.stage_dir, ignore_errors=True))
+    made = time.monotonic()
     try:
         result = await trio.to_thread.run_sync(
             functools.partial(
@@ -170,12 +249,13 @@ async def _convert_layer(
                 level=options.level, dm_verity=options.dm_verity,
                 verity_block_size=options.verity_block_size,
                 progress=lambda done, total: progress(what, "encode", done, total),
+                fsync=False,  # a scratch file, pushed then deleted
             )
         )  # fmt: skip
     finally:
         os.unlink(image)
     encoded = time.monotonic()
-    log.info("%s: encoded in %.2fs", what, encoded - made)
+    log.info("%s: mkfs in %.2fs, encoded in %.2fs", what, made - begun, encoded - made)
     try:
         descriptor = dict(result.descriptor)
         annotations = {**(desc.get("annotations") or {}), **(descriptor.get("annotations") or {})}
@@ -186,13 +266,68 @@ async def _convert_layer(
         progress(what, "push", descriptor["size"], descriptor["size"])
     finally:
         os.unlink(blob_path)
+    pushed = time.monotonic()
     report = LayerReport(
-        source_digest=desc["digest"], source_media_type=media_type, source_size=desc["size"],
-        tar_bytes=tar_bytes, entries=entries, digest=descriptor["digest"],
-        size=descriptor["size"], diff_id=result.diff_id, image_size=result.uncompressed_size,
-        uploaded=uploaded, seconds=round(time.monotonic() - started, 3),
+        source_digest=desc["digest"], source_media_type=layer.media_type,
+        source_size=desc["size"], tar_bytes=layer.tar_bytes, entries=layer.entries,
+        digest=descriptor["digest"], size=descriptor["size"], diff_id=result.diff_id,
+        image_size=result.uncompressed_size, uploaded=uploaded,
+        seconds=round(pushed - layer.started, 3),
+        stages={
+            "stage": round(layer.staged - layer.started, 3),
+            "wait": round(begun - layer.staged, 3), "mkfs": round(made - begun, 3),
+            "encode": round(encoded - made, 3), "push": round(pushed - encoded, 3),
+        },
     )  # fmt: skip
     return report, descriptor
+
+
+async def _convert_layers(
+    client: RegistryClient,
+    src: Reference,
+    dst: Reference,
+    layers: list[dict[str, Any]],
+    whats: list[str],
+    work: str,
+    options: ConvertOptions,
+    progress: ProgressFn,
+) -> list[tuple[LayerReport, dict[str, Any]]]:
+    """Convert the layers as a pipeline: layer i+1 is downloaded and staged (Python
+    and the network) while layer i goes through mkfs.erofs (another process) and
+    the encoder (zstd threads), so both cores work. At most two staging trees
+    exist at once (the one being staged and the one being finished): disk use
+    stays bounded by two layers, memory by a few MiB per stage."""
+    results: list[tuple[LayerReport, dict[str, Any]] | None] = [None] * len(layers)
+    failures: list[BaseException] = []
+    finishing = trio.Semaphore(1)
+
+    async def finish(i: int, staged: _Staged) -> None:
+        try:
+            results[i] = await _finish_layer(client, dst, staged, work, options, progress)
+        except Exception as exc:
+            failures.append(exc)
+            nursery.cancel_scope.cancel()
+        finally:
+            finishing.release()
+
+    async with trio.open_nursery() as nursery:
+        for i, desc in enumerate(layers):
+            try:
+                staged = await _stage_layer(client, src, desc, work, whats[i], options, progress)
+            except Exception as exc:
+                failures.append(exc)
+                nursery.cancel_scope.cancel()
+                break
+            try:
+                await finishing.acquire()  # the previous layer is finished
+            except trio.Cancelled:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(functools.partial(shutil.rmtree, staged.stage_dir, ignore_errors=True))
+                raise
+            nursery.start_soon(finish, i, staged)
+    if failures:
+        raise failures[0]
+    return [r for r in results if r is not None]
 
 
 async def _source_config(client: RegistryClient, src: Reference, desc: Any) -> dict[str, Any]:
@@ -247,12 +382,14 @@ async def _convert_manifest(
         )
     platform = _platform_of(config)
     report = PlatformReport(platform=platform, source_digest=source_digest, digest="", size=0)
+    whats = [
+        f"{src.name}@{source_digest[:19]} ({platform}) layer {i + 1}/{len(layers)} {desc['digest'][:19]}"
+        for i, desc in enumerate(layers)
+    ]
     descriptors = []
-    for i, desc in enumerate(layers):
-        what = f"{src.name}@{source_digest[:19]} ({platform}) layer {i + 1}/{len(layers)} {desc['digest'][:19]}"
-        layer_report, descriptor = await _convert_layer(
-            client, src, dst, desc, work, what, options, progress
-        )
+    for layer_report, descriptor in await _convert_layers(
+        client, src, dst, layers, whats, work, options, progress
+    ):
         report.layers.append(layer_report)
         descriptors.append(descriptor)
     config["rootfs"] = {**rootfs, "diff_ids": [layer.diff_id for layer in report.layers]}
@@ -300,6 +437,7 @@ async def convert_image(
         )
     started = time.monotonic()
     work = tempfile.mkdtemp(prefix="lazyerofs-convert-", dir=options.workdir)
+    _spread_inodes(work)
     try:
         if options.all_platforms:
             body, media_type, digest, _ = await client.fetch_manifest(src)

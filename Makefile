@@ -1,5 +1,5 @@
 # The two commands of the README. Each sets up what it needs first.
-.PHONY: setup demo test lint bench
+.PHONY: setup demo test lint bench fuzz
 
 setup:
 	@scripts/setup.sh
@@ -15,3 +15,7 @@ lint: setup
 
 bench: setup
 	.venv/bin/python -m benchmarks.coldstart
+
+# Every parser of untrusted bytes, >= 1,000,000 inputs (exits 1 on a finding).
+fuzz: setup
+	.venv/bin/python -m benchmarks.fuzz --inputs 1100000 --seconds 1500

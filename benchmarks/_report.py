@@ -18,7 +18,7 @@ from lazyfs.units import format_size
 __all__ = ["derive", "write_all"]
 
 Key = tuple[int, float, float, str]  # chunk, rtt_ms, mbit, workload
-LAZY = ("lazy", "lazy+prefetch", "lazy-warm")
+LAZY = ("lazy", "lazy+prefetch", "lazy+profile", "lazy-warm")
 
 
 def _median(values: list[float]) -> float:
@@ -125,7 +125,7 @@ def derive(measurements: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str
         med[(key, strategy)] = {
             f: _median([r[f] for r in runs]) for f in ("ready_s", "done_s", "bytes_fetched", "requests")
         }
-    order = {"eager": 0, "lazy": 1, "lazy+prefetch": 2, "lazy-warm": 3, "limit": 4}
+    order = {"eager": 0, "lazy": 1, "lazy+prefetch": 2, "lazy+profile": 3, "lazy-warm": 4, "limit": 5}
     keys = sorted({k for k, _s in med} | set(limit_by_key), key=lambda k: (-k[0], k[1], -k[2], k[3]))
     for key in keys:
         eager = med.get((key, "eager"))
@@ -207,7 +207,9 @@ def markdown(derived: dict[str, Any], meta: dict[str, Any]) -> str:
         "Strategies: `eager` = download every blob, verify+decode every frame, write layer.erofs, kernel-mount, "
         "overlay; `lazy` = `lazyerofs mount --rootfs` with an empty chunk cache; `lazy+prefetch` = the same with "
         "`--prefetch` (the remaining frames are fetched in the background, pausing while reads wait; its bytes "
-        "include the prefetch traffic until the workload exited); `lazy-warm` = `lazy` with the chunk "
+        "include the prefetch traffic until the workload exited); `lazy+profile` = a cold mount replaying the "
+        "startup profile the `lazy` run of the same workload recorded and pushed (the other lazy strategies "
+        "mount with `--no-profile`); `lazy-warm` = `lazy` with the chunk "
         "cache kept (page cache dropped); `limit` = (manifest + chunk tables + compressed bytes of the frames the "
         f"lazy run touched) / bandwidth + {meta['limit_round_trips']} x RTT (manifest; all tables in parallel; all "
         "touched frames in parallel) + the workload's run time with all bytes local. Every run starts with "
@@ -271,7 +273,7 @@ def _plot(derived: dict[str, Any], path: Path) -> bool:
     rows = derived["rows"]
     chunks = sorted({r["chunk_size"] for r in rows}, reverse=True)
     workloads = sorted({r["workload"] for r in rows})
-    strategies = [s for s in ("eager", "lazy", "lazy+prefetch", "lazy-warm", "limit") if any(r["strategy"] == s for r in rows)]
+    strategies = [s for s in ("eager", "lazy", "lazy+prefetch", "lazy+profile", "lazy-warm", "limit") if any(r["strategy"] == s for r in rows)]
     nets = sorted({(r["rtt_ms"], r["mbit"]) for r in rows}, key=lambda x: (x[0], -x[1]))
     fig, axes = plt.subplots(
         len(chunks), len(workloads), figsize=(5.5 * len(workloads), 3.2 * len(chunks)), squeeze=False, sharey=True

@@ -12,6 +12,9 @@ layers, served by a real ``docker-registry`` behind an emulated network
 * ``lazy-warm``: the same with the chunk cache kept (page cache dropped);
 * ``lazy+prefetch``: ``lazy`` with ``--prefetch`` (the daemon fetches the
   remaining frames in the background, pausing while on-demand reads wait);
+* ``lazy+profile``: a cold mount (empty cache) that finds the startup profile
+  the ``lazy`` run of the same workload recorded and pushed to the registry,
+  and replays it (the other lazy strategies mount with ``--no-profile``);
 * ``limit``: the physical floor: the compressed bytes of exactly the frames
   the workload touched (plus manifest and chunk tables) at the link's
   bandwidth, plus the round trips no client can avoid (manifest, then all
@@ -68,7 +71,7 @@ WORKLOADS: dict[str, str] = {
     ),
 }
 # Run in this order at each point: lazy-warm reuses the chunk cache lazy filled.
-STRATEGIES = ("eager", "lazy", "lazy-warm", "lazy+prefetch")
+STRATEGIES = ("eager", "lazy", "lazy-warm", "lazy+prefetch", "lazy+profile")
 # manifest, then all chunk tables (parallel), then all touched frames (parallel)
 LIMIT_ROUND_TRIPS = 3
 
@@ -202,7 +205,9 @@ EXTRA_MOUNT_ARGS: list[str] = []
 
 
 @contextlib.contextmanager
-def lazy_mount(ref: str, mnt: Path, rootfs: Path, cache: Path, touch_log: Path, *, prefetch: bool) -> Iterator[float]:
+def lazy_mount(
+    ref: str, mnt: Path, rootfs: Path, cache: Path, touch_log: Path, *, prefetch: bool, profile: bool = False
+) -> Iterator[float]:
     """Mount ``ref`` lazily with a rootfs; yield seconds until ready; always unmount.
 
     A mount that does not return within MOUNT_TIMEOUT raises :class:`Hang`.
@@ -212,6 +217,8 @@ def lazy_mount(ref: str, mnt: Path, rootfs: Path, cache: Path, touch_log: Path, 
     args = ["mount", ref, str(mnt), "--rootfs", str(rootfs), "--cache-dir", str(cache), "--touch-log", str(touch_log)]
     if prefetch:
         args.append("--prefetch")
+    if not profile:
+        args.append("--no-profile")
     args += EXTRA_MOUNT_ARGS
     t0 = time.monotonic()
     try:
@@ -281,7 +288,16 @@ def run_eager(proxy: NetProxy, ref: str, workload: str, work: Path) -> dict[str,
 
 
 def run_lazy(
-    proxy: NetProxy, ref: str, workload: str, work: Path, *, warm: bool, prefetch: bool, touch_log: Path
+    proxy: NetProxy,
+    ref: str,
+    workload: str,
+    work: Path,
+    *,
+    warm: bool,
+    prefetch: bool,
+    touch_log: Path,
+    profile: bool = False,
+    save_profile: Path | None = None,
 ) -> dict[str, Any]:
     cache = work / "chunk-cache"
     if not warm:
@@ -293,10 +309,14 @@ def run_lazy(
     r0, b0 = proxy_counters(proxy)
     t0 = time.monotonic()
     stats: dict[str, Any] = {}
-    with lazy_mount(ref, mnt, rootfs, cache, touch_log, prefetch=prefetch) as ready:
+    with lazy_mount(ref, mnt, rootfs, cache, touch_log, prefetch=prefetch, profile=profile) as ready:
         run_s = run_workload(workload, rootfs)
         done = time.monotonic() - t0
         stats = lazy_stats(mnt)
+        if save_profile is not None:
+            saved = lazyerofs("profile", "save", str(mnt), "-o", str(save_profile), timeout=60)
+            if saved.returncode != 0:
+                raise RuntimeError(f"lazyerofs profile save failed: {saved.stderr.strip()[-500:]}")
     r1, b1 = proxy_counters(proxy)
     touched: list[dict[str, Any]] = []
     with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
@@ -318,11 +338,14 @@ def run_one(strategy: str, upstream: str, rtt_ms: float, mbit: float, tag: str, 
     ended (readahead or prefetch cut short by the unmount) would otherwise
     hold the emulated link and delay this run.
     """
+    profile_file = work / "profile.json"
     with NetProxy(upstream, rtt=rtt_ms / 1000, bandwidth_bps=mbit * 1e6) as proxy:
         ref = f"{proxy.host}/{REPO}:{tag}"
         if strategy == "eager":
             return run_eager(proxy, ref, workload, work)
-        return run_lazy(
+        if strategy == "lazy":
+            profile_file.unlink(missing_ok=True)
+        out = run_lazy(
             proxy,
             ref,
             workload,
@@ -330,7 +353,21 @@ def run_one(strategy: str, upstream: str, rtt_ms: float, mbit: float, tag: str, 
             warm=strategy == "lazy-warm",
             prefetch=strategy == "lazy+prefetch",
             touch_log=work / f"touch-{strategy}.json",
+            profile=strategy == "lazy+profile",
+            save_profile=profile_file if strategy == "lazy" else None,
         )
+    if strategy == "lazy":
+        # Published straight to the registry (setup, not part of any measured run):
+        # the lazy+profile run of this workload finds it as the newest referrer.
+        direct = f"{upstream.removeprefix('http://')}/{REPO}:{tag}"
+        pushed = lazyerofs("profile", "push", str(profile_file), direct, timeout=120)
+        if pushed.returncode != 0:
+            raise RuntimeError(f"lazyerofs profile push failed: {pushed.stderr.strip()[-500:]}")
+    elif strategy == "lazy+profile":
+        used = out["detail"]["daemon_stats"].get("profile") or {}
+        if not used.get("frames"):
+            raise RuntimeError(f"lazy+profile: the mount replayed no profile ({used.get('error') or 'none found'})")
+    return out
 
 
 # --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ only), so a container snapshotter can share the directory and the code::
         if data is None:
             data = fetch_and_verify(...)
             c.put(digest, data)
+        part = c.read(digest, size, offset, length)  # only those bytes from disk
 
 The directory must belong to the user running the cache and be writable by
 no one else (``CacheError`` otherwise): entries are only as trustworthy as
@@ -17,7 +18,8 @@ the directory that holds them.
 
 The implementation lives in private modules; this is the whole public surface:
 
-    _store.py   ChunkCache: the memory LRU, counters, when to scan
+    _store.py   ChunkCache: the memory LRU, range reads, counters, when to scan
+    _handles.py descriptors of recently read entries, kept open for range reads
     _entry.py   one entry on disk: header, read (judging damage), write-then-rename
     _dirs.py    the directory handles, and whether to trust them (owner, mode, no links);
                 open_root/open_dir are public, for side stores kept in the cache dir

@@ -34,7 +34,9 @@ __all__ = [
     "check_key",
     "has_entry",
     "is_hex_name",
+    "open_entry",
     "pack_entry",
+    "pread_all",
     "read_entry",
     "remove_judged",
     "touch",
@@ -114,7 +116,7 @@ def touch_at(sub: int, name: str) -> None:
     os.utime(name, dir_fd=sub, follow_symlinks=False, ns=(now, now))
 
 
-def _pread_all(fd: int, size: int, offset: int) -> bytes:
+def pread_all(fd: int, size: int, offset: int) -> bytes:
     data = os.pread(fd, size, offset)
     if len(data) == size:
         return data
@@ -174,7 +176,7 @@ def read_entry(sub: int, name: str, key: bytes, size: int, *, verify: bool, touc
             head = os.pread(fd, HEADER_SIZE, 0)
             # Reading the whole entry now makes a concurrent eviction
             # harmless: an unlinked file stays readable through our fd.
-            data = _pread_all(fd, size, HEADER_SIZE)
+            data = pread_all(fd, size, HEADER_SIZE)
             magic, version, length, digest = _HEADER.unpack(head)
             if magic != _MAGIC or version != _VERSION or length != size or len(data) != size:
                 reason = "bad header"
@@ -190,6 +192,54 @@ def read_entry(sub: int, name: str, key: bytes, size: int, *, verify: bool, touc
         st = None
     finally:
         os.close(fd)
+    return Damage(reason, st)
+
+
+def open_entry(sub: int, name: str, size: int, *, touch_it: bool) -> int | Damage | None:
+    """A descriptor on entry ``name`` for range reads of its data (at
+    ``HEADER_SIZE + offset``), its size and header checked: an int when good
+    (the caller closes it), None when absent, :class:`Damage` when what is
+    there must go. The data itself is not read: it was verified when written
+    (``verify_at_rest`` readers use :func:`read_entry` instead)."""
+    try:
+        try:
+            fd = os.open(name, _READ_FLAGS | _NOATIME, dir_fd=sub)
+        except PermissionError:
+            fd = os.open(name, _READ_FLAGS, dir_fd=sub)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            log.debug("chunk cache: cannot open %s: %s", name, exc)
+            return None
+        try:
+            link = os.stat(name, dir_fd=sub, follow_symlinks=False)
+        except OSError:
+            return None
+        return Damage("a symbolic link, not followed", link)
+    st: os.stat_result | None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            reason = "not a regular file"
+        elif st.st_size != HEADER_SIZE + size:
+            reason = f"size {st.st_size}, expected {HEADER_SIZE + size}"
+        else:
+            magic, version, length, _ = _HEADER.unpack(os.pread(fd, HEADER_SIZE, 0))
+            if magic != _MAGIC or version != _VERSION or length != size:
+                reason = "bad header"
+            else:
+                if touch_it and time.time_ns() - st.st_atime_ns >= TOUCH_GRANULARITY_NS:
+                    with contextlib.suppress(OSError):
+                        touch(fd)
+                good, fd = fd, -1
+                return good
+    except (OSError, struct.error) as exc:
+        reason = f"read error: {exc}"
+        st = None
+    finally:
+        if fd >= 0:
+            os.close(fd)
     return Damage(reason, st)
 
 

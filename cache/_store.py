@@ -40,6 +40,7 @@ from cache import _entry, _evict
 from cache._dirs import CacheDirs, CacheError
 from cache._entry import HEADER_SIZE, Damage, check_key
 from cache._evict import CacheEntry
+from cache._handles import DEFAULT_OPEN_ENTRIES, Handle, OpenEntries
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -51,7 +52,10 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BYTES = 10 << 30
-DEFAULT_MEMORY_BYTES = 256 << 20
+# Hot frames only: cached frames are read by range from disk (the page cache
+# does the rest), so a large memory LRU buys little and costs RSS.
+DEFAULT_MEMORY_BYTES = 32 << 20
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 # Memory-hit keys waiting for their atime refresh; flushed past this many.
 _TOUCH_BATCH = 1024
@@ -78,6 +82,8 @@ class CacheStatistics:
     disk_entries: int
     memory_bytes: int
     max_bytes: int
+    range_reads: int = 0  # hits served by reading only the bytes asked for
+    open_entries: int = 0
 
 
 class ChunkCache:
@@ -114,6 +120,14 @@ class ChunkCache:
             default: a torn entry after a power cut fails the size check (or
             the digest check) and is refetched, which is cheaper than an fsync
             per chunk.
+        open_entries: descriptors of recently read entries kept open for
+            :meth:`read` (0: open each time).
+
+    Reading part of an entry (:meth:`read`, :meth:`read_nowait`) reads only
+    those bytes: the data was verified before it was put, and its header and
+    size are checked when the entry is opened. With ``verify_at_rest`` a
+    range read loads and re-hashes the whole entry first (the price of the
+    check).
 
     Raises:
         CacheError: ``root`` cannot be created or opened, or is not safe to
@@ -128,6 +142,7 @@ class ChunkCache:
         memory_bytes: int = DEFAULT_MEMORY_BYTES,
         verify_at_rest: bool = False,
         fsync: bool = False,
+        open_entries: int = DEFAULT_OPEN_ENTRIES,
     ) -> None:
         if max_bytes < 0 or memory_bytes < 0:
             raise ValueError("cache budgets must not be negative")
@@ -147,6 +162,9 @@ class ChunkCache:
         self._gc_lock = threading.Lock()
         self._touched: set[bytes] = set()
         self._warned: set[int] = set()
+        self._open = OpenEntries(open_entries)
+        self._nowait = bool(_RWF_NOWAIT)
+        self._range_reads = 0
         self._hits = self._misses = self._memory_hits = self._disk_hits = 0
         self._puts = self._write_failures = self._damaged = self._evictions = 0
         self._disk_bytes = self._disk_entries = self._written_since_scan = 0
@@ -213,6 +231,99 @@ class ChunkCache:
                 self._touched.add(key)
                 return data
         return None
+
+    def read(self, key: bytes, size: int, offset: int, length: int) -> bytes | None:
+        """Bytes ``[offset, offset+length)`` of the data under ``key`` (of
+        ``size`` bytes), or None on a miss. Reads only those bytes from disk
+        (one pread on a kept descriptor), never the whole entry, unless
+        ``verify_at_rest`` asks for the whole entry to be checked. A damaged
+        entry is removed and reported as a miss, as with :meth:`get`.
+        """
+        _check_range(size, offset, length)
+        data = self._memory_slice(key, size, offset, length)
+        if data is not None:
+            return data
+        if self.verify_at_rest:
+            whole = self.get(key, size)
+            return None if whole is None else _slice(whole, offset, length)
+        if len(self._touched) > _TOUCH_BATCH:
+            self._flush_touched()
+        h = self._handle(key, size)
+        if h is None:
+            with self._lock:
+                self._misses += 1
+            return None
+        try:
+            data = _entry.pread_all(h.fd, length, HEADER_SIZE + offset)
+        except OSError as exc:
+            data = None
+            log.debug("chunk cache: read of %s failed: %s", key.hex(), exc)
+        finally:
+            self._open.release(h)
+        if data is None or len(data) != length:
+            # Shrunk under us (another process truncated it?): judge it afresh.
+            self._open.drop(key)
+            with self._lock:
+                self._misses += 1
+            return None
+        self._count_range_hit(key)
+        return data
+
+    def read_nowait(self, key: bytes, size: int, offset: int, length: int) -> bytes | None:
+        """Like :meth:`read`, but only if it needs no blocking: a memory hit,
+        or an entry already open whose bytes are in the page cache
+        (``RWF_NOWAIT``). None is not a miss: call :meth:`read` (in a worker
+        thread). Lets an async caller skip a thread hop for hot data."""
+        _check_range(size, offset, length)
+        data = self._memory_slice(key, size, offset, length)
+        if data is not None or self.verify_at_rest or not self._nowait or not length:
+            return data
+        h = self._open.acquire(key)
+        if h is None:
+            return None
+        buf = bytearray(length)
+        try:
+            got = os.preadv(h.fd, [buf], HEADER_SIZE + offset, _RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = False  # this filesystem or kernel cannot say
+            return None
+        finally:
+            self._open.release(h)
+        if got != length:
+            return None  # partly in memory: the blocking path reads the rest
+        self._count_range_hit(key)
+        return buf  # type: ignore[return-value]  # bytes-like; a copy would cost as much as the read
+
+    def advise(self, key: bytes, size: int) -> bool:
+        """Start reading the data under ``key`` into the page cache (a reader
+        is about to want it); True if the entry is there. Blocking: it opens
+        the entry. For sequential readers of cached frames."""
+        check_key(key)
+        if self._mem is not None:
+            with self._lock:
+                data = self._mem.get(key)
+            if data is not None and len(data) == size:
+                return True
+        h = self._handle(key, size, touch=False)
+        if h is None:
+            return False
+        try:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(h.fd, HEADER_SIZE, size, os.POSIX_FADV_WILLNEED)
+        finally:
+            self._open.release(h)
+        return True
+
+    def set_memory_limit(self, memory_bytes: int) -> None:
+        """Resize the memory LRU (its content is dropped); 0 turns it off."""
+        if memory_bytes < 0:
+            raise ValueError("cache budgets must not be negative")
+        with self._lock:
+            self.memory_limit = memory_bytes
+            self._mem = LRUCache(maxsize=memory_bytes, getsizeof=len) if memory_bytes > 0 else None
 
     def put(self, key: bytes, data: bytes) -> bool:
         """Store ``data`` under ``key``; True once it is persisted on disk.
@@ -301,6 +412,8 @@ class ChunkCache:
                 disk_entries=self._disk_entries,
                 memory_bytes=int(self._mem.currsize) if self._mem is not None else 0,
                 max_bytes=self.max_bytes,
+                range_reads=self._range_reads,
+                open_entries=len(self._open),
             )
 
     def entries(self) -> list[CacheEntry]:
@@ -342,6 +455,8 @@ class ChunkCache:
                 self._written_since_scan = 0
                 self._evictions += done.evicted
         if done.evicted:
+            # Unlinked entries we hold open would keep their space.
+            self._open.drop_all()
             log.debug("chunk cache %s: evicted %d entries, %d bytes", self.root, done.evicted, done.freed)
         return done.freed
 
@@ -351,6 +466,7 @@ class ChunkCache:
             if self._mem is not None:
                 self._mem.clear()
             self._touched.clear()
+        self._open.drop_all()
         freed = 0
         with self._gc_lock, self._dirs.flocked():
             for s in self._scan():
@@ -390,12 +506,49 @@ class ChunkCache:
         """
         with contextlib.suppress(OSError):
             self._flush_touched()
+        self._open.drop_all()
         with self._lock:
             if self._mem is not None:
                 self._mem.clear()
             self._dirs.release()
 
     # -- internals ---------------------------------------------------------------
+
+    def _memory_slice(self, key: bytes, size: int, offset: int, length: int) -> bytes | None:
+        data = self.get_nowait(key, size)
+        if data is None:
+            return None
+        return _slice(data, offset, length)
+
+    def _count_range_hit(self, key: bytes) -> None:
+        with self._lock:
+            self._hits += 1
+            self._disk_hits += 1
+            self._range_reads += 1
+            # Recency goes to disk in a batch (as for memory hits), not per read.
+            self._touched.add(key)
+
+    def _handle(self, key: bytes, size: int, *, touch: bool = True) -> Handle | None:
+        """The open, checked entry of ``key`` (in use: release it), or None
+        when absent or damaged (then removed)."""
+        h = self._open.acquire(key)
+        if h is not None:
+            return h
+        check_key(key)
+        name = key.hex()
+        sub = self._dirs.sub(name[:2])
+        if sub is None:
+            return None
+        try:
+            got = _entry.open_entry(sub, name, size, touch_it=touch)
+            if isinstance(got, Damage):
+                self._discard(sub, name, got.st, got.reason)
+                return None
+            if got is None:
+                return None
+        finally:
+            os.close(sub)
+        return self._open.add(key, got)
 
     def _remember(self, key: bytes, data: bytes) -> None:
         # Caller holds self._lock.
@@ -425,6 +578,7 @@ class ChunkCache:
 
     def _discard(self, sub: int, name: str, st: os.stat_result | None, reason: str) -> None:
         self._note_damage(name, reason)
+        self._open.drop(bytes.fromhex(name))
         removed = _entry.remove_judged(sub, name, st)
         if removed is not None:
             with self._lock:
@@ -476,6 +630,15 @@ class ChunkCache:
             self._dirs.chunks,
             lambda sub: self._dirs.warn_path(f"{self.root}/chunks/{sub}", "is a symbolic link: ignored, not followed"),
         )
+
+
+def _check_range(size: int, offset: int, length: int) -> None:
+    if offset < 0 or length < 0 or offset + length > size:
+        raise ValueError(f"range {offset}+{length} is outside an entry of {size} bytes")
+
+
+def _slice(data: bytes, offset: int, length: int) -> bytes:
+    return data if offset == 0 and length == len(data) else data[offset : offset + length]
 
 
 def _clear_side_dir(root: int, name: str) -> int:

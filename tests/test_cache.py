@@ -61,7 +61,7 @@ def test_public_surface_is_explicit() -> None:
         "DEFAULT_MEMORY_BYTES",
     }
     assert DEFAULT_MAX_BYTES == 10 << 30
-    assert DEFAULT_MEMORY_BYTES == 256 << 20
+    assert DEFAULT_MEMORY_BYTES == 32 << 20  # hot frames only: cached frames are read by range
 
 
 def test_round_trip_from_memory_then_from_disk(tmp_path: Path) -> None:

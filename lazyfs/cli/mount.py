@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 from lazyfs.cli._registry_opts import add_registry_options, options_from_args
 from lazyfs.errors import MountError
 from lazyfs.fetch import DEFAULT_MERGE_BYTES, DEFAULT_READ_TIMEOUT, FetchAhead, ReadSettings
+from lazyfs.fetch.context import DEFAULT_MEMORY_BUDGET, MIN_MEMORY_BUDGET
 from lazyfs.mount import MountConfig, run_mount
 from lazyfs.units import parse_size
 
@@ -26,6 +28,7 @@ its chunk_digest) and mount a read-only FUSE tree at DIR:
   DIR/layers/<i>/layer.erofs.dmverity   containerd's sidecar (dm-verity layers)
   DIR/layers/<i>/digest                 the layer blob's digest
   DIR/.lazyerofs/stats.json             live counters ('lazyerofs stats DIR')
+  DIR/.lazyerofs/profile.json           reads recorded so far ('lazyerofs profile save')
 
 Only the zstd frames that are read are fetched (HTTP range requests); each is
 checked against its SHA-512 before a byte is served and kept in the chunk
@@ -79,7 +82,22 @@ examples:
     g = p.add_argument_group("cache")
     g.add_argument("--cache-dir", metavar="DIR", help="chunk cache directory (default: /var/cache/lazyerofs as root)")
     g.add_argument("--cache-size", type=parse_size, metavar="SIZE", help="disk budget, e.g. 10GiB (default: 10GiB)")
-    g.add_argument("--memory-cache", type=parse_size, metavar="SIZE", help="in-memory LRU of hot chunks (default: 256MiB)")
+    g.add_argument(
+        "--memory-cache",
+        type=parse_size,
+        metavar="SIZE",
+        help="in-memory LRU of hot chunks, part of --memory-budget (default: a quarter of it)",
+    )
+    g.add_argument(
+        "--memory-budget",
+        type=parse_size,
+        default=DEFAULT_MEMORY_BUDGET,
+        metavar="SIZE",
+        help=(
+            "memory the daemon may hold for data: hot-chunk LRU, chunk tables and frames in flight "
+            "together; reads wait rather than exceed it (default: 96MiB)"
+        ),
+    )
     g.add_argument("--verify-at-rest", action="store_true", help="re-hash cached chunks when read back: catches disk corruption (bit rot, torn writes), not forgery by someone who can write the cache dir (that is why the cache refuses a dir others can write)")
     g = p.add_argument_group("reads")
     g.add_argument(
@@ -118,6 +136,21 @@ examples:
         metavar="SIZE",
         help="kernel readahead window of the FUSE mount (default: 4MiB; the kernel's own is 128KiB)",
     )
+    g = p.add_argument_group("startup profile")
+    prof = g.add_mutually_exclusive_group()
+    prof.add_argument(
+        "--profile",
+        metavar="FILE",
+        help=(
+            "replay this startup profile ('lazyerofs profile save') instead of the one pushed "
+            "next to the image: its frames are fetched ahead of the reads, in recorded order"
+        ),
+    )
+    prof.add_argument(
+        "--no-profile",
+        action="store_true",
+        help="replay no startup profile (default: the one 'lazyerofs profile push' stored for the image, if any)",
+    )
     g = p.add_argument_group("trust")
     g.add_argument(
         "--insecure-skip-verify",
@@ -147,7 +180,11 @@ def _fetch_ahead(value: str) -> FetchAhead:
 def run(args: argparse.Namespace) -> int:
     if args.rootfs_allow_suid_dev and not args.rootfs:
         raise MountError("--rootfs-allow-suid-dev only applies with --rootfs")
+    if args.profile is not None and not os.path.isfile(args.profile):
+        raise MountError(f"--profile {args.profile}: no such file")
     registry_options = options_from_args(args)
+    if args.memory_budget < MIN_MEMORY_BUDGET:
+        raise MountError(f"--memory-budget must be at least {MIN_MEMORY_BUDGET >> 20}MiB")
     cfg = MountConfig(
         ref=args.ref,
         mountpoint=args.mountpoint,
@@ -164,12 +201,15 @@ def run(args: argparse.Namespace) -> int:
             prefetch=args.prefetch,
             insecure_skip_verify=args.insecure_skip_verify,
             strict=args.strict,
+            memory_budget=args.memory_budget,
         ),
         foreground=args.foreground,
         log_file=args.log_file,
         log_level="debug" if args.log_level == "debug" else "info",
         registry=registry_options,
         touch_log=args.touch_log,
+        profile_file=os.path.abspath(args.profile) if args.profile is not None else None,
+        profile_lookup=not args.no_profile,
         readahead_kb=max(args.readahead // 1024, 4),
         loop=args.loop,
         allow_other=args.allow_other,

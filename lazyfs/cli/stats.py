@@ -16,7 +16,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Print bytes_fetched, requests, frames_fetched, cache_hits, cache_misses, "
             "verify_failures, read_errors and, per layer, the frames present out of "
-            "the total, read from DIR/.lazyerofs/stats.json."
+            "the total, read from DIR/.lazyerofs/stats.json. Under 'profile': where the "
+            "startup profile came from (or why none is used), its frames, those ignored "
+            "(unknown layers, past a layer's end), fetched by the replay, already cached, "
+            "used (fetched, then read) and wasted (fetched, not read yet), and whether "
+            "the replay is done."
         ),
     )
     p.add_argument("mountpoint", metavar="DIR")

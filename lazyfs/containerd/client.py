@@ -24,6 +24,8 @@ __all__ = ["Containerd", "ContainerdError"]
 
 # Bytes per Write message (containerd's own clients use 1 MiB).
 _WRITE_CHUNK = 1 << 20
+# Seconds an UNAVAILABLE answer is retried.
+UNAVAILABLE_RETRY = 20.0
 
 
 class ContainerdError(LazyErofsError):
@@ -61,21 +63,36 @@ class Containerd:
         return md
 
     def call(self, service: str, name: str, request: Any, response: str) -> Any:
+        """One unary call. UNAVAILABLE is retried for ``UNAVAILABLE_RETRY``
+        seconds: it is what containerd answers while it reconnects to a
+        proxy plugin (a snapshotter that just restarted), and such a call
+        never reached the plugin."""
         stub = self._channel.unary_unary(
             api.method(service, name),
             request_serializer=type(request).SerializeToString,
             response_deserializer=self.m(response).FromString,
         )
-        try:
-            return stub(request, metadata=self._metadata(), timeout=self.timeout)
-        except grpc.RpcError as exc:
-            raise self._error(f"{service.rsplit('.', 1)[-1]}.{name}", exc) from None
+        deadline = time.monotonic() + UNAVAILABLE_RETRY
+        pause = 0.2
+        while True:
+            try:
+                return stub(request, metadata=self._metadata(), timeout=self.timeout)
+            except grpc.RpcError as exc:
+                unavailable = isinstance(exc, grpc.Call) and exc.code() == grpc.StatusCode.UNAVAILABLE
+                if not unavailable or time.monotonic() + pause > deadline:
+                    raise self._error(f"{service.rsplit('.', 1)[-1]}.{name}", exc) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 2.0)
 
     def _error(self, what: str, exc: grpc.RpcError) -> ContainerdError:
         code = exc.code() if isinstance(exc, grpc.Call) else None
         details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
         if code == grpc.StatusCode.UNAVAILABLE:
-            return ContainerdError(f"containerd is not answering on {self.address}: {details}", code)
+            return ContainerdError(
+                f"containerd {what} ({self.address}): unavailable for {UNAVAILABLE_RETRY:g}s: {details} "
+                "(is containerd running, and the snapshotter it names?)",
+                code,
+            )
         return ContainerdError(f"containerd {what}: {details}", code)
 
     def wait_ready(self, seconds: float) -> None:

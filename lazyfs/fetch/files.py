@@ -113,6 +113,8 @@ class SeekableFile:
             raise IntegrityError(f"{name}: the chain of trust cannot be established for this layer")
         self.verity = verity
         self.stats = source.stats
+        # The mount's memory budget, less what the cache's memory LRU holds.
+        context.configure_memory(settings.memory_budget, getattr(cache, "memory_limit", 0))
         self.store = FrameStore(name, desc, table, source, cache, self.policy, context, verified=self.verified)
 
     @property
@@ -163,17 +165,9 @@ class SeekableFile:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def _read_image(self, offset: int, end: int) -> bytes:
-        frames = self.table.frames_for(offset, end - offset)
-        datas = await self.store.frames(frames)
-        cs = self.table.chunk_size
-        if len(datas) == 1:
-            base = frames.start * cs
-            return datas[0][offset - base : end - base]
-        out = bytearray()
-        for i, data in zip(frames, datas, strict=True):
-            base = i * cs
-            out += data[max(offset - base, 0) : min(end - base, len(data))]
-        return bytes(out)
+        # Only the bytes asked for: a small read of a cached frame never
+        # loads the whole frame.
+        return await self.store.read(offset, end)
 
     async def prefetch(self) -> int:
         """Fetch every frame not yet cached, in the policy's order and batches,

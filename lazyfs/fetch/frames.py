@@ -1,17 +1,23 @@
 """Verified frames of one seekable layer: the fetch mechanism.
 
-:meth:`FrameStore.frames` returns the decoded bytes of a range of frames,
-from the cache or from one shared fetch. Reads of the same cold frame share
-one flight: the first reader to miss becomes its leader, the policy groups
-the leader's frames into runs (one range request each) and may add frames
-ahead; each fetched frame is verified and decompressed by
+:meth:`FrameStore.read` returns image bytes, reading from a cached frame
+only the bytes asked for (a memory hit, or one ``pread`` of the cache entry,
+on the event loop when the page cache has it); :meth:`FrameStore.frames`
+returns whole frames. Reads of the same cold frame share one flight: the
+first reader to miss becomes its leader, the policy groups the leader's
+frames into runs (one range request each) and may add frames ahead; each
+fetched frame is verified and decompressed by
 :func:`lazyfs.format.seekable.decode_frame` (refetched once if that fails),
 handed to everyone waiting on it, and only then put in the cache. Hashing,
-decompression and cache I/O run in worker threads under the mount's limiter,
-and decoded frames in flight are held against the mount's decode budget.
+decompression and cache writes run in worker threads under the mount's
+limiter (cache reads under its I/O limiter), and every run is reserved,
+compressed and decoded bytes together, against the mount's budget of bytes
+in flight before its request goes out.
 
 Nothing here decides what to fetch beyond what was asked: that is
-:class:`~lazyfs.fetch.policy.FetchPolicy`'s job.
+:class:`~lazyfs.fetch.policy.FetchPolicy`'s job, including when a reader is
+sequential and which frames to arrange ahead of it; this only carries it out
+(:meth:`FrameStore._arrange`).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import trio
 
 from lazyfs.errors import FetchError, IntegrityError, LazyErofsError
 from lazyfs.fetch.context import FetchContext, FrameCache
-from lazyfs.fetch.policy import FetchPolicy
+from lazyfs.fetch.policy import FetchPolicy, ReadPattern, Stream
 from lazyfs.fetch.source import CountingSource
 from lazyfs.format import seekable
 
@@ -73,8 +79,12 @@ class FrameStore:
         self.policy = policy
         self.context = context
         self.limiter = context.limiter
+        self.io_limiter = getattr(context, "io_limiter", context.limiter)
         self.verified = verified
+        self.pattern = ReadPattern()
         self._flights: dict[int, _Flight] = {}
+        # Whole-frame loads from the cache for sequential readers: one per frame.
+        self._loads: dict[int, _Flight] = {}
         self._nursery: trio.Nursery | None = None
         # Frames known to be in the cache: a shortcut for the miss decision
         # only; the cache stays the source of truth.
@@ -120,19 +130,44 @@ class FrameStore:
 
     # -- reads -------------------------------------------------------------------
 
+    async def read(self, offset: int, end: int) -> bytes:
+        """Image bytes ``[offset, end)`` (inside the image): from a cached
+        frame only those bytes, else from one shared fetch. A reader seen
+        going forward gets the frames ahead of it arranged (the policy says
+        which). Raises FetchError or IntegrityError as :meth:`frames` does.
+        """
+        table = self.table
+        cs = table.chunk_size
+        sequential = False
+        if self.policy.stream_ahead:
+            stream = self.pattern.observe(offset, end, self.policy.stream_slack(table, cs))
+            sequential = self.policy.is_sequential(stream)
+            if sequential and not stream.busy:
+                await self._arrange(stream)
+        frames = table.frames_for(offset, end - offset)
+        wants = [(i, max(offset - i * cs, 0), min(end - i * cs, table.raw_length(i))) for i in frames]
+        # A sequential reader will read all of each frame: load it whole, once.
+        parts = await self._get(wants, whole=sequential)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     async def frames(self, frames: range) -> list[bytes]:
         """Data of each frame in ``frames``, from cache or one shared fetch.
 
         Raises FetchError or IntegrityError (after one refetch) for a frame
         that cannot be had.
         """
+        return await self._get([(i, 0, self.table.raw_length(i)) for i in frames])
+
+    async def _get(self, wants: list[tuple[int, int, int]], *, whole: bool = False) -> list[bytes]:
+        """Bytes ``[lo, hi)`` of each frame ``i`` of ``wants`` (ascending);
+        ``whole``: a cached frame is loaded whole (into the memory LRU)."""
         results: dict[int, bytes] = {}
-        flights: dict[int, _Flight] = {}
+        waits: list[tuple[int, int, int, _Flight]] = []
         mine: list[int] = []
-        for i in frames:
+        for i, lo, hi in wants:
             flight = self._flights.get(i)
             if flight is None:
-                data = await self._cache_get(i)
+                data = await self._cached(i, lo, hi, whole=whole)
                 if data is not None:
                     results[i] = data
                     continue
@@ -141,17 +176,18 @@ class FrameStore:
                 # No await between this check and the insert: exactly one leader.
                 flight = self._flights[i] = _Flight()
                 mine.append(i)
-            flights[i] = flight
+            waits.append((i, lo, hi, flight))
         if mine:
             mine += await self._claim_ahead(mine[-1])
-            await self._fetch_runs(mine)
-        for i, flight in flights.items():
+            await self._fetch_runs(self.policy.runs(mine, self.table))
+        for i, lo, hi, flight in waits:
             await flight.done.wait()
             if flight.error is not None:
                 raise flight.error
-            assert flight.data is not None
-            results[i] = flight.data
-        return [results[i] for i in frames]
+            data = flight.data
+            assert data is not None
+            results[i] = data if lo == 0 and hi == len(data) else data[lo:hi]
+        return [results[i] for i, _lo, _hi in wants]
 
     async def _claim_ahead(self, last: int) -> list[int]:
         """Claim the frames the policy wants fetched along with a miss, up to
@@ -165,7 +201,7 @@ class FrameStore:
             return []
         key, table, cache = self.key, self.table, self.cache
         cached = await trio.to_thread.run_sync(
-            lambda: {k for k in candidates if cache.contains(key(k), table.raw_length(k))}, limiter=self.limiter
+            lambda: {k for k in candidates if cache.contains(key(k), table.raw_length(k))}, limiter=self.io_limiter
         )
         claimed = []
         for k in candidates:
@@ -177,19 +213,25 @@ class FrameStore:
             claimed.append(k)
         return claimed
 
-    async def _cache_get(self, i: int) -> bytes | None:
+    async def _cached(self, i: int, lo: int, hi: int, *, whole: bool = False) -> bytes | None:
+        """Bytes ``[lo, hi)`` of frame ``i`` from the cache, or None on a miss.
+        Only those bytes are read from disk, unless ``whole`` (a sequential
+        reader): then the frame is loaded whole, once for all its readers."""
         key, size = self.key(i), self.table.raw_length(i)
-        # Hot frames are in the memory LRU: no thread hop for those.
-        data = self.cache.get_nowait(key, size)
-        if data is not None:
-            self.stats.cache_hits += 1
-            return data
-        data = await trio.to_thread.run_sync(self.cache.get, key, size, limiter=self.limiter)
-        if data is None and i in self._present:
-            # Fetched by another task while we waited for a thread: look again.
-            data = await trio.to_thread.run_sync(self.cache.get, key, size, limiter=self.limiter)
-            if data is None:
-                self._present.discard(i)  # evicted
+        cache = self.cache
+        # Hot bytes (memory, or an open entry in the page cache): no thread hop.
+        data = cache.read_nowait(key, size, lo, hi - lo)
+        if data is None and whole:
+            frame = await self._load_whole(i)
+            if frame is not None:
+                data = frame if lo == 0 and hi == len(frame) else frame[lo:hi]
+        if data is None:
+            data = await trio.to_thread.run_sync(cache.read, key, size, lo, hi - lo, limiter=self.io_limiter)
+            if data is None and i in self._present and i not in self._flights:
+                # Fetched by another task while we waited for a thread: look again.
+                data = await trio.to_thread.run_sync(cache.read, key, size, lo, hi - lo, limiter=self.io_limiter)
+                if data is None:
+                    self._present.discard(i)  # evicted
         if data is None:
             self.stats.cache_misses += 1
         else:
@@ -197,29 +239,124 @@ class FrameStore:
             self._present.add(i)
         return data
 
-    async def _fetch_runs(self, mine: list[int]) -> None:
-        """Fetch the frames this task leads, one request per run the policy
-        makes; in the background nursery if there is one (:meth:`start`)."""
-        runs = self.policy.runs(mine, self.table)
+    async def _load_whole(self, i: int) -> bytes | None:
+        """Frame ``i`` loaded whole from the cache (and so into its memory
+        LRU) by one thread, whoever else wants it meanwhile; None on a miss."""
+        load = self._loads.get(i)
+        if load is not None:
+            await load.done.wait()
+            return load.data
+        load = self._loads[i] = _Flight()
+        try:
+            load.data = await trio.to_thread.run_sync(
+                self.cache.get, self.key(i), self.table.raw_length(i), limiter=self.io_limiter
+            )
+        finally:
+            load.done.set()
+            del self._loads[i]
+        return load.data
+
+    # -- sequential readers --------------------------------------------------------
+
+    async def _arrange(self, stream: Stream) -> None:
+        """Arrange the policy's window ahead of a sequential ``stream``: cached
+        frames are read into the page cache, missing ones fetched in parallel
+        requests (only with room in the budget: a speculative fetch never
+        waits for it). In the background nursery when there is one."""
+        cs = self.table.chunk_size
+        window = self.policy.stream_window(stream, self.table, cs)
+        near = self.policy.stream_memory_window(stream, self.table, cs, getattr(self.cache, "memory_limit", 0))
+        if not window and not near:
+            return
+        stream.busy = True
+        if self._nursery is not None:
+            self._nursery.start_soon(self._arrange_window, stream, window, near)
+        else:
+            await self._arrange_window(stream, window, near)
+
+    async def _arrange_window(self, stream: Stream, window: range, near: range = range(0)) -> None:
+        try:
+            table, cache, key = self.table, self.cache, self.key
+            # Cached frames just ahead: whole into memory, each in its own
+            # thread (one large read each, shared with readers arriving).
+            for k in near:
+                if k not in self._flights and k not in self._loads and k in self._present:
+                    if self._nursery is not None:
+                        self._nursery.start_soon(self._load_whole, k)
+                    else:
+                        await self._load_whole(k)
+            if near:
+                stream.loaded_until = max(stream.loaded_until, near.stop)
+            look = [k for k in window if k not in self._flights]
+            if look:
+                # One thread hop for the rest of the window: open the cached
+                # entries and start their readahead; learn which are missing.
+                present = await trio.to_thread.run_sync(
+                    lambda: {k for k in look if cache.advise(key(k), table.raw_length(k))},
+                    limiter=self.io_limiter,
+                )
+                self._present.update(present)
+            missing = [k for k in window if k not in self._present and k not in self._flights]
+            stop = window.stop
+            budget = self.context.decode_budget
+            for run in self.policy.stream_runs(missing, table):
+                # No await from here to the inserts: nobody else claims them.
+                run = [k for k in run if k not in self._flights and k not in self._present]
+                if not run:
+                    continue
+                held = budget.try_reserve(self._run_bytes(run))
+                if held is None:
+                    stop = run[0]  # no room now: a later read tries again
+                    break
+                for k in run:
+                    self._flights[k] = _Flight()
+                await self._fetch_runs([run], held=held)
+            stream.ahead_until = max(stream.ahead_until, stop)
+        except LazyErofsError as exc:
+            log.debug("%s: arranging frames ahead failed: %s", self.name, exc)
+        except Exception:
+            # Only speculation: a bug here must not take the mount's nursery down.
+            log.exception("%s: arranging frames ahead failed unexpectedly", self.name)
+        finally:
+            stream.busy = False
+
+    # -- fetching ------------------------------------------------------------------
+
+    def _run_bytes(self, run: list[int]) -> int:
+        """What a run holds in flight: its compressed span and decoded frames."""
+        start = self.table.span(run[0])[0]
+        compressed = self.table.span(run[-1])[1] - start
+        return compressed + sum(self.table.raw_length(i) for i in run)
+
+    async def _fetch_runs(self, runs: list[list[int]], *, held: int | None = None) -> None:
+        """Fetch runs of frames this task leads, one request each; in the
+        background nursery if there is one (:meth:`start`). ``held``: budget
+        already reserved for the single run given."""
         if self._nursery is not None:
             for run in runs:
-                self._nursery.start_soon(self._lead, run)
+                self._nursery.start_soon(self._lead, run, held)
             return
         async with trio.open_nursery() as nursery:
             for run in runs:
-                nursery.start_soon(self._lead, run)
+                nursery.start_soon(self._lead, run, held)
 
-    async def _lead(self, run: list[int]) -> None:
+    async def _lead(self, run: list[int], held: int | None = None) -> None:
         """Fetch one run in one request, then settle each frame's flight in
-        parallel; always settles every flight, even on cancellation."""
+        parallel; always settles every flight, even on cancellation. The run
+        holds its bytes in flight (reserved here if not already) until every
+        frame is persisted: reads wait for room rather than grow memory."""
         flights = [self._flights[i] for i in run]
+        budget = self.context.decode_budget
         try:
+            if held is None:
+                held = await budget.reserve(self._run_bytes(run))
             start = self.table.span(run[0])[0]
             blob = await self.source.read(start, self.table.span(run[-1])[1] - start)
+            view = memoryview(blob)
             async with trio.open_nursery() as nursery:
                 for i, flight in zip(run, flights, strict=True):
                     s, e = self.table.span(i)
-                    nursery.start_soon(self._settle, i, flight, blob[s - start : e - start])
+                    nursery.start_soon(self._settle, i, flight, view[s - start : e - start])
         except BaseException as exc:
             if isinstance(exc, LazyErofsError):
                 error: BaseException = exc
@@ -235,16 +372,13 @@ class FrameStore:
                     del self._flights[i]
             if not isinstance(exc, LazyErofsError):
                 raise
+        finally:
+            if held is not None:
+                budget.release(held)
 
-    async def _settle(self, i: int, flight: _Flight, compressed: bytes) -> None:
+    async def _settle(self, i: int, flight: _Flight, compressed: bytes | memoryview) -> None:
         """Verify and decompress frame ``i``, hand it to its readers, then
-        persist it. The one place fetched bytes become servable. The frame's
-        decoded size is held against the decode budget from decompression
-        until it is persisted."""
-        async with self.context.decode_budget.hold(self.table.raw_length(i)):
-            await self._settle_held(i, flight, compressed)
-
-    async def _settle_held(self, i: int, flight: _Flight, compressed: bytes) -> None:
+        persist it. The one place fetched bytes become servable."""
         try:
             try:
                 raw = await self._decode(i, compressed)
@@ -276,7 +410,7 @@ class FrameStore:
             if self._flights.get(i) is flight:
                 del self._flights[i]
 
-    async def _decode(self, i: int, compressed: bytes) -> bytes:
+    async def _decode(self, i: int, compressed: bytes | memoryview) -> bytes:
         # Looked up at call time (module-style) so tests can wrap it.
         raw = await trio.to_thread.run_sync(
             functools.partial(seekable.decode_frame, self.table, i, compressed, name=self.name),

@@ -75,6 +75,8 @@ async def open_layer(
     if source.size != desc.size:
         raise IntegrityError(f"{name}: registry says the blob is {source.size} bytes, descriptor {desc.size}")
     table = await _load_table(name, desc, counted, settings, context)
+    # Tables count against the mount's memory budget (less the memory LRU).
+    context.configure_memory(settings.memory_budget, getattr(cache, "memory_limit", 0))
     context.tables.charge(name, table)
     if not (desc.chunk_digest is not None and table.hash_algo == seekable.HASH_SHA512):
         missing = "no frame checksums (hash_algo 0)" if table.hash_algo == seekable.HASH_NONE else "no chunk_digest"

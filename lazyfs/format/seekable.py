@@ -205,7 +205,7 @@ def load_descriptor(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FormatError(f"{where}: cannot read descriptor: {exc.strerror}") from exc
     try:
         desc = json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting past the stack
         raise FormatError(f"{where}: descriptor is not valid JSON: {exc}") from exc
     parse_descriptor(desc, name=where)
     return desc

@@ -80,6 +80,8 @@ class MountConfig:
     log_file: str | None = None  # None: /run/lazyerofs/<id>.log
     log_level: str = "info"
     touch_log: str | None = None  # write touched frames here at exit (benchmarks)
+    profile_file: str | None = None  # replay this startup profile (else the registry's)
+    profile_lookup: bool = True  # look a startup profile up in the registry
     readahead_kb: int = 4096
     loop: bool = False  # kernel EROFS mounts through loop devices
     allow_other: bool = False  # let every local user read the FUSE tree
@@ -173,19 +175,19 @@ def run_mount(cfg: MountConfig) -> int:
 
 
 def _open_cache(cfg: MountConfig) -> ChunkCache:
-    from cache import (
-        DEFAULT_MAX_BYTES,
-        DEFAULT_MEMORY_BYTES,
-        CacheError,
-        ChunkCache,
-        default_cache_dir,
-    )
+    from cache import DEFAULT_MAX_BYTES, CacheError, ChunkCache, default_cache_dir
+    from lazyfs.fetch.context import memory_cache_share
 
+    try:
+        # The memory LRU is the first share of the mount's memory budget.
+        memory_bytes = memory_cache_share(cfg.read.memory_budget, cfg.memory_cache)
+    except ValueError as exc:
+        raise MountError(f"--memory-cache: {exc}") from exc
     try:
         return ChunkCache(
             cfg.cache_dir or default_cache_dir(),
             max_bytes=DEFAULT_MAX_BYTES if cfg.cache_size is None else cfg.cache_size,
-            memory_bytes=DEFAULT_MEMORY_BYTES if cfg.memory_cache is None else cfg.memory_cache,
+            memory_bytes=memory_bytes,
             verify_at_rest=cfg.verify_at_rest,
         )
     except CacheError as exc:
@@ -215,11 +217,13 @@ async def _serve(cfg: MountConfig, notify: Notify, timeline: Timeline) -> None:
     import trio
 
     from lazyfs.fetch import prefetch_all
+    from lazyfs.fetch.context import limit_allocator_slack
     from lazyfs.mount.fuse import LazyFS
-    from lazyfs.mount.image import open_image, stats, write_touch_log
+    from lazyfs.mount.image import ProfileOptions, open_image, stats, write_touch_log
     from lazyfs.mount.rootfs import mount_rootfs
 
     timeline.mark("imports")
+    limit_allocator_slack()  # RSS follows the memory budget, not the heap's high-water mark
     cache = _open_cache(cfg)
     timeline.mark("cache")
     mountpoint = cfg.mountpoint  # already a real path (run_mount)
@@ -239,12 +243,14 @@ async def _serve(cfg: MountConfig, notify: Notify, timeline: Timeline) -> None:
             cache=cache,
             stack=stack,
             mark=timeline.mark,
+            profile=ProfileOptions(lookup=cfg.profile_lookup, file=cfg.profile_file),
         )
         files = image.files
         fs = LazyFS(
             manifest=image.manifest,
             layers=[(layer.file, layer.digest, layer.sidecar) for layer in image.layers],
-            stats=lambda: {**stats(files, cache, image.context), "startup": timeline.as_dict()},
+            stats=lambda: {**stats(files, cache, image.context, image.profile), "startup": timeline.as_dict()},
+            profile=image.profile.record,
         )
         try:
             pyfuse3.init(fs, mountpoint, _fuse_options(cfg.allow_other))

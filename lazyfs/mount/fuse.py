@@ -6,6 +6,7 @@ attributes, and ``read`` delegating to the layer objects.
     <dir>/layers/<i>/layer.erofs.dmverity   containerd's sidecar (verity layers only)
     <dir>/layers/<i>/digest                 the layer blob's digest
     <dir>/.lazyerofs/stats.json             live counters (what ``lazyerofs stats`` reads)
+    <dir>/.lazyerofs/profile.json           reads recorded so far (``lazyerofs profile save``)
 
 Every failure below is logged once by the layer and surfaces here as EIO.
 """
@@ -74,8 +75,10 @@ class LazyFS(pyfuse3.Operations):
         manifest: bytes,
         layers: list[tuple[LayerFile, str, bytes | None]],
         stats: Callable[[], Mapping[str, object]],
+        profile: Callable[[], bytes] | None = None,
     ) -> None:
-        """``layers``: (file, blob digest, dm-verity sidecar JSON or None), bottom first."""
+        """``layers``: (file, blob digest, dm-verity sidecar JSON or None), bottom
+        first; ``profile``: the startup profile recorded so far (JSON)."""
         super().__init__()
         self._nodes: dict[int, _Node] = {}
         self._open: dict[int, tuple[_Node, bytes | None]] = {}
@@ -93,6 +96,8 @@ class LazyFS(pyfuse3.Operations):
             self._add_file(d, b"digest", data=digest.encode() + b"\n")
         state = self._add_dir(root, b".lazyerofs")
         self._add_file(state, b"stats.json", generate=self._stats_json)
+        if profile is not None:
+            self._add_file(state, b"profile.json", generate=profile)
 
     # -- building --------------------------------------------------------------
 

@@ -15,6 +15,7 @@ exactly the bytes asked for or raises one of :mod:`lazyfs.errors`.
     blob.py         RemoteBlob: ranges, redirects, Content-Range; stream (whole blob,
                     digest checked as it passes)
     push.py         uploads (monolithic, chunked), manifests, whole images
+    referrers.py    artifacts about an image: referrers API or referrers tag schema
 
 Code outside this package imports from here only.
 """
@@ -38,6 +39,14 @@ from lazyfs.oci.media import (
 )
 from lazyfs.oci.push import ImageLayer, image_config, image_manifest, push_image
 from lazyfs.oci.reference import Reference, is_loopback_host, parse_reference
+from lazyfs.oci.referrers import (
+    Artifact,
+    PushedArtifact,
+    find_artifact,
+    list_referrers,
+    push_artifact,
+    referrers_tag,
+)
 from lazyfs.oci.transport import (
     DEBUG_HTTP_ENV,
     DEFAULT_OVERALL_TIMEOUT,
@@ -60,9 +69,11 @@ __all__ = [
     "MEDIA_OCI_CONFIG",
     "MEDIA_OCI_INDEX",
     "MEDIA_OCI_MANIFEST",
+    "Artifact",
     "BlobStatistics",
     "Credentials",
     "ImageLayer",
+    "PushedArtifact",
     "Reference",
     "RegistryClient",
     "RegistryOptions",
@@ -72,14 +83,18 @@ __all__ = [
     "check_descriptor",
     "check_image_manifest",
     "default_platform",
+    "find_artifact",
     "image_config",
     "image_manifest",
     "is_loopback_host",
+    "list_referrers",
     "load_docker_credentials",
     "open_url_blob",
     "parse_challenges",
     "parse_platform",
     "parse_reference",
+    "push_artifact",
     "push_image",
     "quiet_library_loggers",
+    "referrers_tag",
 ]

@@ -69,7 +69,9 @@ class Challenge:
         return self.params.get("realm")
 
 
-_SCHEME_RE = re.compile(r"\s*,?\s*([A-Za-z][A-Za-z0-9_-]*)")
+# One \s* before the comma, one after it only: "\s*,?\s*" splits a run of blanks
+# every possible way before failing, quadratic in a header that is all blanks.
+_SCHEME_RE = re.compile(r"\s*(?:,\s*)?([A-Za-z][A-Za-z0-9_-]*)")
 _PARAM_RE = re.compile(r'\s*([A-Za-z0-9_.-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^\s,]*))\s*,?')
 
 
@@ -268,11 +270,14 @@ class AuthSession:
             doc = json.loads(body)
             token = doc.get("token") or doc.get("access_token")
             expires_in = doc.get("expires_in")
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             raise AuthError(f"{where}: answer is not a JSON token") from None
         if not isinstance(token, str) or not token:
             raise AuthError(f"{where}: answer holds no token")
-        lifetime = float(expires_in) if isinstance(expires_in, int | float) else None
+        try:
+            lifetime = float(expires_in) if isinstance(expires_in, int | float) else None
+        except OverflowError:  # an integer past float range: no usable lifetime, use the default
+            lifetime = None
         self.tokens.put((realm, service, cache_scope), token, lifetime)
 
     async def _token_answer(

@@ -308,7 +308,7 @@ class RegistryClient:
             raise IntegrityError(f"{what}: {len(body)} bytes, its descriptor says {expected_size}")
         try:
             doc = json.loads(body)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting past the stack
             raise FormatError(f"{what}: manifest is not valid JSON: {exc}") from exc
         if not isinstance(doc, dict):
             raise FormatError(f"{what}: manifest is not a JSON object")
@@ -379,7 +379,7 @@ class RegistryClient:
             )
         try:
             config = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):
             log.warning("%s: config %s is not JSON; ignored", ref, desc["digest"])
             return None
         return config if isinstance(config, dict) else None

@@ -82,14 +82,14 @@ def load_docker_credentials(
     """
     cfg_path = Path(path) if path is not None else default_docker_config()
     try:
-        text = cfg_path.read_text()
+        text = cfg_path.read_bytes()  # json.loads decodes: bad UTF-8 is a ValueError there
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise AuthError(f"{cfg_path}: cannot read docker config: {exc.strerror}") from None
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past the stack
         raise FormatError(f"{cfg_path}: docker config is not valid JSON") from None
     auths = data.get("auths") if isinstance(data, dict) else None
     if not isinstance(auths, dict):
@@ -114,5 +114,9 @@ def load_docker_credentials(
                 )
             return Credentials(user, Secret(password))
         if isinstance(entry.get("username"), str) and isinstance(entry.get("password"), str):
+            try:  # JSON may spell a lone surrogate ("\\ud800"), which no header can carry
+                f"{entry['username']}:{entry['password']}".encode()
+            except UnicodeEncodeError:
+                raise FormatError(f"{cfg_path}: username or password for {key} is not valid Unicode") from None
             return Credentials(entry["username"], Secret(entry["password"]))
     return None

@@ -276,7 +276,7 @@ async def _error_summary(resp: httpx.Response) -> str:
         ]
         if parts:
             summary = "; ".join(parts)[:500]
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, TypeError, RecursionError):  # any JSON shape, any depth
         pass
     return printable(summary)
 

@@ -341,7 +341,7 @@ async def _source_config(client: RegistryClient, src: Reference, desc: Any) -> d
         raise IntegrityError(f"{src}: config hashes to {got}, not {desc['digest']}")
     try:
         config = json.loads(data)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past the stack
         raise FormatError(f"{src}: config is not JSON: {exc}") from exc
     if not isinstance(config, dict):
         raise FormatError(f"{src}: config is not a JSON object")

@@ -46,6 +46,9 @@ OPAQUE = b".wh..wh..opq"
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _PIECE = 1 << 20
+# tarfile reads at the end of the stream once or twice to find the end of the
+# archive; more empty reads than this mean it is skipping data that is not there.
+_MAX_EMPTY_READS = 64
 _OPEN_DIRS = 128
 
 Parts = tuple[bytes, ...]
@@ -85,6 +88,30 @@ def _xattrs(member: tarfile.TarInfo) -> list[tuple[str, bytes]]:
             except ValueError as exc:
                 raise FormatError(f"xattr {name!r}: value is not base64") from exc
     return out
+
+
+class _EndGuard:
+    """The stream as tarfile sees it. In stream mode tarfile skips an entry's
+    data (a whiteout's, say) by reading it block by block, even past the end
+    of the stream: a header claiming a huge size would spin for hours."""
+
+    def __init__(self, stream: BinaryIO, layer: str) -> None:
+        self._stream = stream
+        self._layer = layer
+        self._empty = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._stream.read(size)
+        if data or size == 0:
+            self._empty = 0
+        else:
+            self._empty += 1
+            if self._empty > _MAX_EMPTY_READS:
+                raise FormatError(
+                    f"{self._layer}: the tar ends inside an entry's data "
+                    "(a header claims more bytes than the stream holds)"
+                )
+        return data
 
 
 class _Stager:
@@ -411,16 +438,16 @@ def stage_tar(
     try:
         # Closed in the finally below (a stream-mode TarFile never closes ``stream``).
         tar = tarfile.open(  # noqa: SIM115
-            fileobj=stream, mode="r|", encoding="utf-8", errors="surrogateescape"
+            fileobj=_EndGuard(stream, layer), mode="r|", encoding="utf-8", errors="surrogateescape"
         )
-    except tarfile.TarError as exc:
+    except (tarfile.TarError, ValueError) as exc:  # tarfile parses PAX numbers with bare int()
         raise FormatError(f"{layer}: not a tar archive: {exc}") from exc
     stager = _Stager(tar, os.fspath(root), layer, max_layer_bytes)
     try:
         while True:
             try:
                 member = tar.next()
-            except tarfile.TarError as exc:
+            except (tarfile.TarError, ValueError) as exc:  # ValueError: bad PAX/sparse numbers, UTF-8
                 raise FormatError(f"{layer}: bad tar header after {stager.where}: {exc}") from exc
             if member is None:
                 break

@@ -13,6 +13,7 @@ import os
 import stat
 import subprocess
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,18 @@ def test_a_layer_blob_that_fails_its_digest_is_refused(module_registry, tmp_path
     proc = lazyerofs("convert", "--workdir", str(tmp_path), f"{module_registry.host}/src/tampered:v1",
                      f"{module_registry.host}/out/tampered:v1", check=False)  # fmt: skip
     assert proc.returncode == 1 and "content hashes to" in proc.stderr, proc.stderr
+
+
+def test_converting_the_same_image_twice_gives_the_same_blobs(module_registry, tmp_path: Path, monkeypatch):
+    """No SOURCE_DATE_EPOCH: the build time is the source config's "created",
+    so staging times (the layer root, implicit dirs, whiteouts) never leak in."""
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    tar = make_tar([entry("a/deep/file", data=b"x" * 5000), entry("b.txt", data=b"b")])
+    push_source(module_registry, "twice", [(tar, GZ), (make_tar([entry("c", data=b"c")]), GZ)])
+    src = f"{module_registry.host}/src/twice:v1"
+    first = json.loads(lazyerofs("convert", "--json", src, f"{module_registry.host}/out/twice:a").stdout)
+    time.sleep(1.1)  # staging times would differ now
+    second = json.loads(lazyerofs("convert", "--json", src, f"{module_registry.host}/out/twice:b").stdout)
+    digests = [[layer["digest"] for layer in p["layers"]] for p in (first["platforms"][0], second["platforms"][0])]
+    assert digests[0] == digests[1]
+    assert first["platforms"][0]["digest"] == second["platforms"][0]["digest"]

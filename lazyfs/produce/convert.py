@@ -16,17 +16,20 @@ else are kept. An index in (with ``all_platforms``) gives an index out.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any
 
 import trio
@@ -43,7 +46,7 @@ from lazyfs.oci import (
     check_descriptor,
     check_image_manifest,
 )
-from lazyfs.produce.mkfs import make_erofs
+from lazyfs.produce.mkfs import make_erofs, source_date_epoch_from_env
 from lazyfs.produce.tarstage import DEFAULT_MAX_LAYER_BYTES
 from lazyfs.produce.unpack import ProgressFn, stage_layer
 
@@ -80,6 +83,10 @@ class ConvertOptions:
     all_platforms: bool = False
     max_layer_bytes: int = DEFAULT_MAX_LAYER_BYTES
     workdir: str | None = None  # staging and temporary images (default: $TMPDIR)
+    # The build time of the EROFS images: SOURCE_DATE_EPOCH if set, else the
+    # source config's "created", else 0. Never "now": converting the same
+    # image twice gives the same blobs (deduplicated in registry and cache).
+    source_date_epoch: int | None = None
 
 
 @dataclass
@@ -237,7 +244,9 @@ async def _finish_layer(
     blob_path = os.path.join(work, f"{name}.blob")
     begun = time.monotonic()
     try:
-        await trio.to_thread.run_sync(make_erofs, layer.stage_dir, image)
+        await trio.to_thread.run_sync(
+            functools.partial(make_erofs, layer.stage_dir, image, source_date_epoch=options.source_date_epoch)
+        )
     finally:
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(functools.partial(shutil.rmtree, layer.stage_dir, ignore_errors=True))
@@ -348,6 +357,23 @@ async def _source_config(client: RegistryClient, src: Reference, desc: Any) -> d
     return config
 
 
+def _build_epoch(config: dict[str, Any]) -> int:
+    """SOURCE_DATE_EPOCH, else the config's ``created`` (RFC 3339), else 0."""
+    env = source_date_epoch_from_env()
+    if env is not None:
+        return env
+    created = config.get("created")
+    if isinstance(created, str):
+        text = created.strip().replace("Z", "+00:00")
+        # Python's parser takes at most microseconds; registries write nanoseconds.
+        text = re.sub(r"(\.\d{6})\d+", r"\1", text)
+        try:
+            return max(0, int(datetime.fromisoformat(text).timestamp()))
+        except ValueError:
+            log.info("config created %r is not RFC 3339; build time 0", created)
+    return 0
+
+
 def _platform_of(config: dict[str, Any]) -> str:
     parts = [config.get("os"), config.get("architecture"), config.get("variant")]
     return "/".join(str(p) for p in parts if p) or "unknown"
@@ -381,6 +407,8 @@ async def _convert_manifest(
             f"{src}: config lists {len(rootfs['diff_ids'])} diff_ids for {len(layers)} layers"
         )
     platform = _platform_of(config)
+    if options.source_date_epoch is None:
+        options = dataclasses.replace(options, source_date_epoch=_build_epoch(config))
     report = PlatformReport(platform=platform, source_digest=source_digest, digest="", size=0)
     whats = [
         f"{src.name}@{source_digest[:19]} ({platform}) layer {i + 1}/{len(layers)} {desc['digest'][:19]}"

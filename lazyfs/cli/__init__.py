@@ -35,6 +35,7 @@ COMMAND_MODULES = (
     "inspect",
     "push",
     "convert",
+    "optimize",
     "mount",
     "umount",
     "snapshotter",

@@ -50,8 +50,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="build time of the image; newer mtimes are clamped to it (default: "
         "$SOURCE_DATE_EPOCH, else the newest mtime in SRC, which keeps all mtimes)",
     )
+    add_profile_options(p)
+    p.add_argument(
+        "--profile-layer",
+        metavar="DIGEST",
+        help="with --profile: the profile layer to use (default: its only layer with frames)",
+    )
     p.add_argument("--json", action="store_true", help="print the descriptor as JSON on stdout")
     p.set_defaults(func=run)
+
+
+def add_profile_options(p: argparse.ArgumentParser) -> None:
+    """The layout options shared by ``build`` and ``optimize``."""
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help=(
+            "lay the image out for a recorded start: FILE is a startup profile "
+            "('lazyerofs profile save', recorded on the plain image of the same SRC) or a list "
+            "of paths, one a line, in first-use order. Metadata comes first, then the data of "
+            "the files the start touched in first-touch order, then everything else. The tree "
+            "served is unchanged."
+        ),
+    )
+    p.add_argument(
+        "--profile-out",
+        metavar="FILE",
+        help="with --profile: write the profile translated to the new layout (for 'profile push')",
+    )
 
 
 def add_encode_options(p: argparse.ArgumentParser) -> None:
@@ -114,10 +140,65 @@ def _progress_printer(label: str) -> Callable[[int, int], None]:
     return show
 
 
+def _build_optimized(args: argparse.Namespace) -> EncodeResult:
+    from lazyfs.fetch.profile import Profile, ProfileLayer, dump_profile
+    from lazyfs.produce.build import build_optimized_blob
+    from lazyfs.produce.layout import layout_profile_layer
+
+    result, report = build_optimized_blob(
+        args.src, args.output, args.profile, chunk_size=args.chunk_size,
+        profile_layer=args.profile_layer, level=args.level, dm_verity=args.dm_verity,
+        verity_block_size=args.verity_block_size, source_date_epoch=args.source_date_epoch,
+        progress=_progress_printer(os.path.basename(args.output)) if sys.stderr.isatty() else None,
+    )  # fmt: skip
+    print(describe_layout(report), file=sys.stderr)
+    if args.profile_out:
+        digest = result.descriptor["digest"]
+        frames, times = layout_profile_layer(report, digest, result.chunk_size)
+        layer = ProfileLayer(digest, tuple(frames), tuple(times), result.chunk_size, result.frame_count)
+        write_file(args.profile_out, dump_profile(Profile((layer,))))
+    return result
+
+
+def describe_layout(report: object) -> str:
+    """One line about a relocation (a LayoutReport), for stderr."""
+    from lazyfs.produce.layout import LayoutReport
+
+    assert isinstance(report, LayoutReport)
+    line = (
+        f"layout: {report.inodes} inodes, metadata {format_size(report.metadata_bytes)}, then "
+        f"{report.hot_files} hot files ({format_size(report.hot_bytes)}): hot part "
+        f"{format_size(report.hot_end)} of {format_size(report.image_size)}"
+    )
+    if report.missing_paths:
+        line += f"; {len(report.missing_paths)} listed paths not in the image (first: {report.missing_paths[0]})"
+    if report.ignored_ranges:
+        line += f"; {report.ignored_ranges} profile frames on nothing in the image"
+    return line
+
+
+def write_file(path: str, data: bytes) -> None:
+    """Write through a temporary file and a rename."""
+    import tempfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".lazyerofs-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    if (args.profile_out or args.profile_layer) and not args.profile:
+        raise LazyErofsError("--profile-out and --profile-layer need --profile")
     try:
-        result = encode_source(args.src, args.output, args)
+        result = _build_optimized(args) if args.profile else encode_source(args.src, args.output, args)
         desc_path = write_descriptor(args.output, result)
     except OSError as exc:  # disk full, permission denied...: one line, not a traceback
         where = exc.filename or args.output

@@ -9,6 +9,7 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import zstandard
 
@@ -17,7 +18,10 @@ from lazyfs.format import MAX_CHUNK_SIZE, EncodeResult, encode_image
 from lazyfs.produce.mkfs import is_erofs_image, make_erofs
 from lazyfs.units import format_size
 
-__all__ = ["build_blob", "write_descriptor"]
+if TYPE_CHECKING:
+    from lazyfs.produce.layout import LayoutReport
+
+__all__ = ["build_blob", "build_optimized_blob", "write_descriptor"]
 
 
 def build_blob(
@@ -63,6 +67,60 @@ def build_blob(
     if not is_erofs_image(path):
         raise FormatError(f"{src}: not a directory and not a raw EROFS image (no superblock magic)")
     return encode_image(path, output, **opts)
+
+
+def build_optimized_blob(
+    src: str | os.PathLike[str],
+    output: str,
+    profile: str | os.PathLike[str],
+    *,
+    chunk_size: int,
+    profile_layer: str | None = None,
+    level: int = 3,
+    dm_verity: bool = False,
+    verity_block_size: int = 4096,
+    source_date_epoch: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[EncodeResult, LayoutReport]:
+    """:func:`build_blob` with a profile-guided layout: the raw image (made
+    from a directory, or given) is rewritten by
+    :func:`~lazyfs.produce.layout.relocate_image` so that what ``profile``
+    (a startup profile or a list of paths) touched comes first, then encoded.
+
+    A profile's frames are byte ranges of the image it was recorded on: the
+    plain image of the same SRC (builds are reproducible), at the profile
+    layer's chunk size. Reproducible too: same SRC, profile and options,
+    same bytes.
+    """
+    from lazyfs.produce.layout import read_hints, relocate_image
+
+    path = Path(src)
+    if not path.exists():
+        raise FormatError(f"{src}: no such file or directory")
+    _check_options(chunk_size, level)
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise FormatError(f"{output}: output directory {out_dir} does not exist")
+    if os.path.isdir(output):
+        raise FormatError(f"{output}: is a directory; -o names the blob file to write")
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        if path.is_dir():
+            image = os.path.join(tmp, "plain.erofs")
+            make_erofs(path, image, source_date_epoch=source_date_epoch)
+        elif is_erofs_image(path):
+            image = os.fspath(path)
+        else:
+            raise FormatError(f"{src}: not a directory and not a raw EROFS image (no superblock magic)")
+        hints, _ = read_hints(
+            profile, os.path.getsize(image), layer_digest=profile_layer, default_chunk_size=chunk_size
+        )
+        laid_out = os.path.join(tmp, "layer.erofs")
+        report = relocate_image(image, laid_out, hints)
+        result = encode_image(
+            laid_out, output, chunk_size=chunk_size, level=level, dm_verity=dm_verity,
+            verity_block_size=verity_block_size, progress=progress,
+        )  # fmt: skip
+    return result, report
 
 
 def _check_options(chunk_size: int, level: int) -> None:

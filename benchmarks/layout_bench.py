@@ -1,0 +1,210 @@
+"""Profile-guided layout on the cold-start image: bytes, requests and time of a
+cold mount + workload, plain vs optimized (with and without profile replay),
+against eager, through the emulated link.
+
+Per workload: a profile is recorded on the plain image pushed with small
+frames (64 KiB, so the profile says precisely which parts of the image were
+read), ``lazyerofs optimize`` rebuilds the image from it with the measured
+frame size and pushes the translated profile, then each strategy runs cold
+behind a fresh NetProxy (20 ms, 100 Mbit/s by default).
+
+The "packed floor" is what the issue calls the floor of a good layout: the
+raw bytes the recording read (its 64 KiB frames), packed together and
+compressed in frames of the measured size.
+
+    sudo .venv/bin/python -m benchmarks.layout_bench [--repeat N]
+Writes benchmarks/results/layout.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from benchmarks import _image
+from benchmarks.coldstart import (
+    WORKLOADS,
+    image_info,
+    lazyerofs,
+    machine_info,
+    push,
+    run_eager,
+    run_lazy,
+)
+from lazyfs.fetch.profile import parse_profile
+from lazyfs.units import format_size
+from tests.support.localregistry import LocalRegistry
+from tests.support.netproxy import NetProxy
+
+HERE = Path(__file__).resolve().parent
+WORK = HERE / ".work"
+RESULTS = HERE / "results"
+REPO = "bench/layout"
+RECORD_CHUNK = 64 << 10
+
+
+def packed_floor(profile_path: Path, layer_images: dict[str, Path], chunk: int) -> tuple[int, int]:
+    """(raw bytes read, compressed bytes) of what the recording read, packed and
+    compressed in ``chunk``-sized zstd frames (level 3)."""
+    profile = parse_profile(profile_path.read_bytes())
+    cctx = zstandard.ZstdCompressor(level=3)
+    raw_total = comp_total = 0
+    for layer in profile.layers:
+        image = layer_images.get(layer.digest)
+        if image is None or not layer.chunk_size:
+            continue
+        with open(image, "rb") as f:
+            buf = bytearray()
+            for frame in sorted(layer.frames):
+                f.seek(frame * layer.chunk_size)
+                buf += f.read(layer.chunk_size)
+        raw_total += len(buf)
+        for i in range(0, len(buf), chunk):
+            comp_total += len(cctx.compress(bytes(buf[i : i + chunk])))
+    return raw_total, comp_total
+
+
+def layer_digests(ref: str) -> list[str]:
+    return [la["digest"] for la in image_info(ref)["layers"]]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chunk-size", type=int, default=1 << 20, help="frame size of the measured images (default 1 MiB)")
+    ap.add_argument("--rtt-ms", type=float, default=20.0)
+    ap.add_argument("--mbit", type=float, default=100.0)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--workloads", default="imports,print")
+    ap.add_argument("--name", default="layout")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        raise SystemExit("needs root (FUSE, kernel mounts, chroot, drop_caches)")
+    root = _image.debian_rootfs(WORK)
+    layers = _image.build_layers(root, WORK)
+    run_dir = WORK / f"run-{args.name}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    chunk = args.chunk_size
+    registry = LocalRegistry(run_dir / "registry" / "storage")
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "link": {"rtt_ms": args.rtt_ms, "mbit": args.mbit},
+        "chunk_size": chunk,
+        "record_chunk_size": RECORD_CHUNK,
+        "workloads": {},
+    }
+    try:
+        registry.start()
+        up = registry.url
+        host = registry.host
+        rec_ref, plain_ref = f"{host}/{REPO}:rec", f"{host}/{REPO}:plain"
+        push([la.path for la in layers], rec_ref, RECORD_CHUNK)
+        push([la.path for la in layers], plain_ref, chunk)
+        rec_images = dict(zip(layer_digests(rec_ref), [la.path for la in layers], strict=True))
+        plain_blobs = sum(la["size"] for la in image_info(plain_ref)["layers"])
+        results["plain_blob_bytes"] = plain_blobs
+        results["raw_image_bytes"] = sum(la.size for la in layers)
+        for wname in args.workloads.split(","):
+            cmd = WORKLOADS[wname]
+            wdir = run_dir / wname
+            wdir.mkdir()
+            profile = wdir / "profile.json"
+            # 1. record on the small-frame plain image (an unshaped link: setup, not measured)
+            with NetProxy(up) as proxy:
+                run_lazy(proxy, f"{proxy.host}/{REPO}:rec", cmd, wdir, warm=False, prefetch=False,
+                         touch_log=wdir / "touch-rec.json", save_profile=profile)  # fmt: skip
+            raw_read, floor = packed_floor(profile, rec_images, chunk)
+            # 2. optimize (pushes the translated profile next to the new image)
+            opt_tag = f"opt-{wname}"
+            t0 = time.monotonic()
+            proc = lazyerofs("optimize", "--profile", str(profile), "--chunk-size", str(chunk),
+                             "--json", rec_ref, f"{host}/{REPO}:{opt_tag}", timeout=1800)  # fmt: skip
+            if proc.returncode != 0:
+                raise RuntimeError(f"optimize failed: {proc.stderr[-2000:]}")
+            opt_s = time.monotonic() - t0
+            opt_report = json.loads(proc.stdout)
+            opt_blobs = sum(la["size"] for la in opt_report["layers"])
+            runs: dict[str, list[dict[str, Any]]] = {}
+            for rep in range(args.repeat):
+                for strategy, tag in (("eager", "plain"), ("lazy", "plain"), ("lazy+optimized", opt_tag),
+                                      ("lazy+optimized+profile", opt_tag)):  # fmt: skip
+                    with NetProxy(up, rtt=args.rtt_ms / 1000, bandwidth_bps=args.mbit * 1e6) as proxy:
+                        ref = f"{proxy.host}/{REPO}:{tag}"
+                        if strategy == "eager":
+                            m = run_eager(proxy, ref, cmd, wdir)
+                        else:
+                            m = run_lazy(proxy, ref, cmd, wdir, warm=False, prefetch=False,
+                                         touch_log=wdir / f"touch-{strategy}.json",
+                                         profile=strategy.endswith("+profile"))  # fmt: skip
+                    m.pop("detail", None)
+                    runs.setdefault(strategy, []).append(m)
+                    print(f"[{wname} {rep}] {strategy}: {m['done_s']:.2f}s, {format_size(m['bytes_fetched'])} "
+                          f"in {m['requests']} requests", flush=True)  # fmt: skip
+            results["workloads"][wname] = {
+                "command": cmd,
+                "recorded_raw_bytes": raw_read,
+                "packed_floor_bytes": floor,
+                "optimize_s": round(opt_s, 1),
+                "optimized_blob_bytes": opt_blobs,
+                "layout": [la.get("layout") for la in opt_report["layers"]],
+                "runs": runs,
+            }
+    finally:
+        registry.stop()
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "layout.json").write_text(json.dumps(results, indent=2) + "\n")
+    (RESULTS / "layout.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else 0.0
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        "# Profile-guided layout: cold mount + workload",
+        "",
+        f"Link: {r['link']['rtt_ms']:g} ms RTT, {r['link']['mbit']:g} Mbit/s (tests/support/netproxy.py). "
+        f"Frames: {format_size(r['chunk_size'])}. Plain blobs: {format_size(r['plain_blob_bytes'])} "
+        f"({format_size(r['raw_image_bytes'])} raw). Profiles recorded on the plain image in "
+        f"{format_size(r['record_chunk_size'])} frames. Medians of the runs.",
+        "",
+    ]
+    for wname, w in r["workloads"].items():
+        floor = w["packed_floor_bytes"]
+        eager = _median([m["done_s"] for m in w["runs"].get("eager", [])])
+        lines += [
+            f"## {wname}: `{w['command']}`",
+            "",
+            f"Packed floor: {format_size(floor)} ({100 * floor / r['plain_blob_bytes']:.1f}% of the plain blobs; "
+            f"{format_size(w['recorded_raw_bytes'])} raw read in the recording). Optimized blobs: "
+            f"{format_size(w['optimized_blob_bytes'])}; optimize took {w['optimize_s']}s.",
+            "",
+            "| strategy | done (s) | x faster than eager | fetched | % of blobs | x floor | requests |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for strategy, runs in w["runs"].items():
+            done = _median([m["done_s"] for m in runs])
+            fetched = _median([m["bytes_fetched"] for m in runs])
+            reqs = _median([m["requests"] for m in runs])
+            lines.append(
+                f"| {strategy} | {done:.2f} | {eager / done if done else 0:.1f} | {format_size(int(fetched))} | "
+                f"{100 * fetched / r['plain_blob_bytes']:.1f} | {fetched / floor if floor else 0:.2f} | {int(reqs)} |"
+            )
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,8 @@ from collections.abc import Callable
 from lazyfs.errors import LazyErofsError
 from lazyfs.format import EncodeResult, seekable
 from lazyfs.produce import build_blob, write_descriptor
-from lazyfs.units import format_size, parse_size
+from lazyfs.produce.chunksize import DEFAULT_LINK, ChunkChoice, parse_chunk_size, parse_link
+from lazyfs.units import format_size
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -84,11 +85,13 @@ def add_encode_options(p: argparse.ArgumentParser) -> None:
     """Options shared by ``build`` and ``push``."""
     p.add_argument(
         "--chunk-size",
-        type=parse_size,
+        type=parse_chunk_size,
         default=seekable.DEFAULT_CHUNK_SIZE,
         metavar="SIZE",
-        help="uncompressed bytes per zstd frame, e.g. 256KiB, 1MiB (default: 4MiB, as containerd)",
+        help="uncompressed bytes per zstd frame, e.g. 256KiB, 1MiB, or 'auto': measured on the "
+        "image (and the profile, if any) for --link (default: 4MiB, as containerd)",
     )
+    add_auto_options(p)
     p.add_argument("--level", type=int, default=3, help="zstd level (default: 3)")
     p.add_argument("--dm-verity", action="store_true", help="append a dm-verity hash tree (sha512)")
     p.add_argument(
@@ -100,9 +103,35 @@ def add_encode_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def encode_source(src: str, output: str, args: argparse.Namespace) -> EncodeResult:
+def add_auto_options(p: argparse.ArgumentParser) -> None:
+    """The options of ``--chunk-size auto`` (build, push, convert, optimize)."""
+    p.add_argument(
+        "--link",
+        type=parse_link,
+        default=DEFAULT_LINK,
+        metavar="RTT_MS/MBIT",
+        help="with --chunk-size auto: the link to plan for, round trip in ms and bandwidth in "
+        "Mbit/s (default: 20/100)",
+    )
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="with --chunk-size auto: print every candidate size's estimate, not only the choice",
+    )
+
+
+def report_choice(choice: ChunkChoice, verbose: bool, label: str | None = None) -> None:
+    """The why-line of a ``--chunk-size auto`` choice on stderr, and with
+    ``verbose`` the table of candidates."""
+    print(f"{label}: {choice.why()}" if label else choice.why(), file=sys.stderr)
+    if verbose:
+        print("\n".join(choice.table_lines()), file=sys.stderr)
+
+
+def encode_source(src: str, output: str, args: argparse.Namespace, label: str | None = None) -> EncodeResult:
     """Encode SRC (directory or raw image) to ``output`` with the command's
-    options; shared with ``push``."""
+    options; shared with ``push`` (``label`` starts its why-lines)."""
     return build_blob(
         src,
         output,
@@ -113,6 +142,8 @@ def encode_source(src: str, output: str, args: argparse.Namespace) -> EncodeResu
         # push shares this without the flag: it still honours SOURCE_DATE_EPOCH
         source_date_epoch=getattr(args, "source_date_epoch", None),
         progress=_progress_printer(os.path.basename(output)) if sys.stderr.isatty() else None,
+        link=args.link,
+        on_choice=lambda choice: report_choice(choice, args.verbose, label),
     )
 
 
@@ -150,6 +181,7 @@ def _build_optimized(args: argparse.Namespace) -> EncodeResult:
         profile_layer=args.profile_layer, level=args.level, dm_verity=args.dm_verity,
         verity_block_size=args.verity_block_size, source_date_epoch=args.source_date_epoch,
         progress=_progress_printer(os.path.basename(args.output)) if sys.stderr.isatty() else None,
+        link=args.link, on_choice=lambda choice: report_choice(choice, args.verbose),
     )  # fmt: skip
     print(describe_layout(report), file=sys.stderr)
     if args.profile_out:

@@ -16,6 +16,7 @@ from lazyfs.cli.build import add_encode_options
 from lazyfs.errors import FormatError, LazyErofsError
 from lazyfs.oci import RegistryClient, RegistryOptions, parse_reference
 from lazyfs.produce import DEFAULT_MAX_LAYER_BYTES, ConvertOptions, ConvertReport, convert_image
+from lazyfs.produce.chunksize import table_lines
 from lazyfs.units import format_size, parse_size
 
 __all__ = ["register", "run"]
@@ -88,6 +89,16 @@ class _Bar:
             sys.stderr.flush()
 
 
+def _chunk_choices(report: ConvertReport, verbose: bool) -> None:
+    """The why-line of each layer's ``--chunk-size auto`` choice (and the table)."""
+    for plat in report.platforms:
+        for i, layer in enumerate(plat.layers):
+            if layer.chunk_choice is not None:
+                print(f"{plat.platform} layer {i}: {layer.chunk_choice['why']}", file=sys.stderr)
+                if verbose:
+                    print("\n".join(table_lines(layer.chunk_choice)), file=sys.stderr)
+
+
 def _summary(report: ConvertReport) -> None:
     for plat in report.platforms:
         for i, layer in enumerate(plat.layers):
@@ -124,12 +135,13 @@ def run(args: argparse.Namespace) -> int:
     convert = ConvertOptions(
         chunk_size=args.chunk_size, level=args.level, dm_verity=args.dm_verity,
         verity_block_size=args.verity_block_size, all_platforms=args.all_platforms,
-        max_layer_bytes=args.max_layer_size, workdir=args.workdir,
+        max_layer_bytes=args.max_layer_size, workdir=args.workdir, link=args.link,
     )  # fmt: skip
     try:
         report = trio.run(_convert, args, options_from_args(args), convert)
     except OSError as exc:  # disk full, no space for staging: one line, not a traceback
         raise LazyErofsError(f"convert: {exc.filename or ''}: {exc.strerror or exc}") from exc
+    _chunk_choices(report, args.verbose)
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=2)
         print()

@@ -22,13 +22,21 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from lazyfs.cli._registry_opts import add_registry_options, options_from_args
-from lazyfs.cli.build import add_profile_options, describe_layout, write_file
+from lazyfs.cli.build import (
+    add_auto_options,
+    add_profile_options,
+    describe_layout,
+    report_choice,
+    write_file,
+)
 from lazyfs.errors import FormatError, IntegrityError, LazyErofsError
-from lazyfs.units import format_size, parse_size
+from lazyfs.produce.chunksize import ChunkChoice, Link, parse_chunk_size
+from lazyfs.units import format_size
 
 __all__ = ["OptimizeReport", "optimize_image", "register", "run"]
 
@@ -58,11 +66,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_profile_options(p)
     p.add_argument(
         "--chunk-size",
-        type=parse_size,
+        type=parse_chunk_size,
         default=None,
         metavar="SIZE",
-        help="uncompressed bytes per zstd frame of the new layers (default: each layer's own)",
+        help="uncompressed bytes per zstd frame of the new layers, or 'auto': measured per layer "
+        "on the new image and the profile's reads for --link (default: each layer's own)",
     )
+    add_auto_options(p)
     p.add_argument("--level", type=int, default=3, help="zstd level (default: 3)")
     p.add_argument(
         "--no-push-profile",
@@ -83,6 +93,7 @@ class LayerResult:
     relocated: bool
     layout: dict[str, Any] | None = None
     profile_frames: int = 0
+    chunk_choice: dict[str, Any] | None = None  # with --chunk-size auto (ChunkChoice.to_json)
 
 
 @dataclass
@@ -138,13 +149,20 @@ async def optimize_image(
     dst: Any,
     profile_path: str,
     *,
-    chunk_size: int | None = None,
+    chunk_size: int | str | None = None,
     level: int = 3,
     push_profile: bool = True,
     profile_out: str | None = None,
     workdir: str | None = None,
+    link: Link | None = None,
+    on_choice: Callable[[str, ChunkChoice], None] | None = None,
 ) -> OptimizeReport:
-    """Optimize ``src`` for the start ``profile_path`` recorded and push it as ``dst``."""
+    """Optimize ``src`` for the start ``profile_path`` recorded and push it as ``dst``.
+
+    ``chunk_size="auto"`` measures each new layer's frame size for ``link``
+    on the ranges the profile's
+    reads moved to; ``on_choice(layer, ChunkChoice)`` hears each choice.
+    """
     import trio
 
     from lazyfs.fetch.profile import MEDIA_TYPE_PROFILE, Profile, ProfileLayer, dump_profile
@@ -200,7 +218,22 @@ async def optimize_image(
             layout = await trio.to_thread.run_sync(relocate_image, image, laid, hints)
             print(f"{what}: {describe_layout(layout)}", file=sys.stderr)
             out = os.path.join(work, f"{i}.new")
-            chunk = chunk_size or table_chunk or (4 << 20)
+            choice = None
+            if isinstance(chunk_size, str):
+                from lazyfs.produce.build import touched_basis
+                from lazyfs.produce.chunksize import DEFAULT_LINK, choose_chunk_size
+
+                choice = await trio.to_thread.run_sync(
+                    functools.partial(
+                        choose_chunk_size, laid, touched=[(s, e) for s, e, _ms in layout.new_ranges],
+                        basis=touched_basis(layout, profile_path), link=link or DEFAULT_LINK, level=level,
+                    )
+                )  # fmt: skip
+                chunk = choice.chunk_size
+                if on_choice is not None:
+                    on_choice(what, choice)
+            else:
+                chunk = chunk_size or table_chunk or (4 << 20)
             verity = bool((desc.get("annotations") or {}).get(ANNOTATION_VERITY_ROOT))
             result = await trio.to_thread.run_sync(
                 functools.partial(encode_image, laid, out, chunk_size=chunk, level=level, dm_verity=verity, fsync=False)
@@ -219,8 +252,11 @@ async def optimize_image(
                 ProfileLayer(new["digest"], tuple(frames), tuple(times), result.chunk_size, result.frame_count)
             )
             report.layers.append(
-                LayerResult(desc["digest"], new["digest"], new["size"], True, layout.to_json(), len(frames))
-            )
+                LayerResult(
+                    desc["digest"], new["digest"], new["size"], True, layout.to_json(), len(frames),
+                    choice.to_json() if choice is not None else None,
+                )
+            )  # fmt: skip
             for path in (blob, raw, laid, out):
                 if os.path.exists(path):
                     os.unlink(path)
@@ -299,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
             return await optimize_image(
                 client, src, dst, args.profile, chunk_size=args.chunk_size, level=args.level,
                 push_profile=not args.no_push_profile, profile_out=args.profile_out, workdir=args.workdir,
+                link=args.link, on_choice=lambda what, choice: report_choice(choice, args.verbose, what),
             )  # fmt: skip
 
     try:

@@ -99,7 +99,7 @@ def prepare_layer(src: str, workdir: Path, index: int, args: argparse.Namespace)
             )
         return ImageLayer(path, parsed.to_dict(), _diff_id_of_blob(path))
     out = workdir / f"layer{index}.blob"
-    result = encode_source(src, str(out), args)
+    result = encode_source(src, str(out), args, label=src)
     return ImageLayer(out, dict(result.descriptor), result.diff_id)
 
 

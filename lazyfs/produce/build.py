@@ -19,6 +19,7 @@ from lazyfs.produce.mkfs import is_erofs_image, make_erofs
 from lazyfs.units import format_size
 
 if TYPE_CHECKING:
+    from lazyfs.produce.chunksize import ChunkChoice, Link
     from lazyfs.produce.layout import LayoutReport
 
 __all__ = ["build_blob", "build_optimized_blob", "write_descriptor"]
@@ -28,12 +29,14 @@ def build_blob(
     src: str | os.PathLike[str],
     output: str,
     *,
-    chunk_size: int,
+    chunk_size: int | str,
     level: int = 3,
     dm_verity: bool = False,
     verity_block_size: int = 4096,
     source_date_epoch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    link: Link | None = None,
+    on_choice: Callable[[ChunkChoice], None] | None = None,
 ) -> EncodeResult:
     """Encode SRC (a directory, through mkfs.erofs, or a raw EROFS image) to ``output``.
 
@@ -41,7 +44,9 @@ def build_blob(
     descriptor. For a directory, ``source_date_epoch`` (else the
     ``SOURCE_DATE_EPOCH`` variable, else the tree's newest mtime) is the
     image's build time and clamps newer mtimes (see :func:`make_erofs`); a raw
-    image is taken as it is.
+    image is taken as it is. ``chunk_size="auto"`` measures it for
+    ``link`` (:mod:`lazyfs.produce.chunksize`) and hands the choice to
+    ``on_choice`` before encoding.
     """
     path = Path(src)
     if not path.exists():
@@ -53,7 +58,6 @@ def build_blob(
     if os.path.isdir(output):
         raise FormatError(f"{output}: is a directory; -o names the blob file to write")
     opts = dict(
-        chunk_size=chunk_size,
         level=level,
         dm_verity=dm_verity,
         verity_block_size=verity_block_size,
@@ -63,10 +67,34 @@ def build_blob(
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             image = os.path.join(tmp, "layer.erofs")
             make_erofs(path, image, source_date_epoch=source_date_epoch)
-            return encode_image(image, output, **opts)
+            chunk = resolve_chunk_size(image, chunk_size, level=level, link=link, on_choice=on_choice)
+            return encode_image(image, output, chunk_size=chunk, **opts)
     if not is_erofs_image(path):
         raise FormatError(f"{src}: not a directory and not a raw EROFS image (no superblock magic)")
-    return encode_image(path, output, **opts)
+    chunk = resolve_chunk_size(path, chunk_size, level=level, link=link, on_choice=on_choice)
+    return encode_image(path, output, chunk_size=chunk, **opts)
+
+
+def resolve_chunk_size(
+    image: str | os.PathLike[str],
+    chunk_size: int | str,
+    *,
+    level: int = 3,
+    link: Link | None = None,
+    touched: list[tuple[int, int]] | None = None,
+    basis: str | None = None,
+    on_choice: Callable[[ChunkChoice], None] | None = None,
+) -> int:
+    """``chunk_size`` itself, or for ``"auto"`` the size measured on the raw
+    ``image`` (``touched``: the ranges a profile says a start reads)."""
+    if not isinstance(chunk_size, str):
+        return chunk_size
+    from lazyfs.produce.chunksize import DEFAULT_LINK, choose_chunk_size
+
+    choice = choose_chunk_size(image, touched=touched, basis=basis, link=link or DEFAULT_LINK, level=level)
+    if on_choice is not None:
+        on_choice(choice)
+    return choice.chunk_size
 
 
 def build_optimized_blob(
@@ -74,13 +102,15 @@ def build_optimized_blob(
     output: str,
     profile: str | os.PathLike[str],
     *,
-    chunk_size: int,
+    chunk_size: int | str,
     profile_layer: str | None = None,
     level: int = 3,
     dm_verity: bool = False,
     verity_block_size: int = 4096,
     source_date_epoch: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    link: Link | None = None,
+    on_choice: Callable[[ChunkChoice], None] | None = None,
 ) -> tuple[EncodeResult, LayoutReport]:
     """:func:`build_blob` with a profile-guided layout: the raw image (made
     from a directory, or given) is rewritten by
@@ -90,7 +120,8 @@ def build_optimized_blob(
     A profile's frames are byte ranges of the image it was recorded on: the
     plain image of the same SRC (builds are reproducible), at the profile
     layer's chunk size. Reproducible too: same SRC, profile and options,
-    same bytes.
+    same bytes. With ``chunk_size="auto"`` the size is measured on the new
+    image, for the ranges the profile's reads moved to.
     """
     from lazyfs.produce.layout import read_hints, relocate_image
 
@@ -112,20 +143,35 @@ def build_optimized_blob(
         else:
             raise FormatError(f"{src}: not a directory and not a raw EROFS image (no superblock magic)")
         hints, _ = read_hints(
-            profile, os.path.getsize(image), layer_digest=profile_layer, default_chunk_size=chunk_size
-        )
+            profile, os.path.getsize(image), layer_digest=profile_layer,
+            default_chunk_size=None if isinstance(chunk_size, str) else chunk_size,
+        )  # fmt: skip
         laid_out = os.path.join(tmp, "layer.erofs")
         report = relocate_image(image, laid_out, hints)
+        chunk = resolve_chunk_size(
+            laid_out, chunk_size, level=level, link=link, on_choice=on_choice,
+            touched=[(s, e) for s, e, _ms in report.new_ranges], basis=touched_basis(report, profile),
+        )  # fmt: skip
         result = encode_image(
-            laid_out, output, chunk_size=chunk_size, level=level, dm_verity=dm_verity,
+            laid_out, output, chunk_size=chunk, level=level, dm_verity=dm_verity,
             verity_block_size=verity_block_size, progress=progress,
         )  # fmt: skip
     return result, report
 
 
-def _check_options(chunk_size: int, level: int) -> None:
+def touched_basis(report: LayoutReport, profile: str | os.PathLike[str]) -> str:
+    """The why-line's words for the reads a profile-guided layout moved."""
+    from lazyfs.produce.chunksize import profile_basis
+
+    return profile_basis([(s, e) for s, e, _ms in report.new_ranges], f"profile {os.path.basename(profile)}")
+
+
+def _check_options(chunk_size: int | str, level: int) -> None:
     """Refuse values the encoder cannot use, as one clear line rather than a traceback."""
-    if not 0 < chunk_size <= MAX_CHUNK_SIZE:
+    if isinstance(chunk_size, str):
+        if chunk_size != "auto":
+            raise FormatError(f"--chunk-size must be a size or 'auto', not {chunk_size!r}")
+    elif not 0 < chunk_size <= MAX_CHUNK_SIZE:
         raise FormatError(
             f"--chunk-size must be between 1 byte and {format_size(MAX_CHUNK_SIZE)}, not {chunk_size}"
         )

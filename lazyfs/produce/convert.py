@@ -46,6 +46,7 @@ from lazyfs.oci import (
     check_descriptor,
     check_image_manifest,
 )
+from lazyfs.produce.chunksize import Link
 from lazyfs.produce.mkfs import make_erofs, source_date_epoch_from_env
 from lazyfs.produce.tarstage import DEFAULT_MAX_LAYER_BYTES
 from lazyfs.produce.unpack import ProgressFn, stage_layer
@@ -76,7 +77,7 @@ _PIECE = 1 << 20
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_size: int | str = DEFAULT_CHUNK_SIZE  # or "auto": measured per layer for ``link``
     level: int = 3
     dm_verity: bool = False
     verity_block_size: int = 4096
@@ -87,6 +88,7 @@ class ConvertOptions:
     # source config's "created", else 0. Never "now": converting the same
     # image twice gives the same blobs (deduplicated in registry and cache).
     source_date_epoch: int | None = None
+    link: Link | None = None  # with chunk_size "auto" (default: 20 ms/100 Mbit/s)
 
 
 @dataclass
@@ -106,6 +108,8 @@ class LayerReport:
     # staging tree; these overlap), "wait" (for the previous layer's mkfs to
     # start this one's), "mkfs", "encode", "push"; layers overlap each other
     stages: dict[str, float] = field(default_factory=dict)
+    # with chunk_size "auto": the choice and the estimates behind it (ChunkChoice.to_json)
+    chunk_choice: dict[str, Any] | None = None
 
 
 @dataclass
@@ -251,10 +255,20 @@ async def _finish_layer(
         with trio.CancelScope(shield=True):
             await trio.to_thread.run_sync(functools.partial(shutil.rmtree, layer.stage_dir, ignore_errors=True))
     made = time.monotonic()
+    choice = None
     try:
+        chunk = options.chunk_size
+        if isinstance(chunk, str):
+            from lazyfs.produce.chunksize import DEFAULT_LINK, choose_chunk_size
+
+            choice = await trio.to_thread.run_sync(
+                functools.partial(choose_chunk_size, image, link=options.link or DEFAULT_LINK, level=options.level)
+            )
+            chunk = choice.chunk_size
+            log.info("%s: %s", what, choice.why())
         result = await trio.to_thread.run_sync(
             functools.partial(
-                encode_image, image, blob_path, chunk_size=options.chunk_size,
+                encode_image, image, blob_path, chunk_size=chunk,
                 level=options.level, dm_verity=options.dm_verity,
                 verity_block_size=options.verity_block_size,
                 progress=lambda done, total: progress(what, "encode", done, total),
@@ -287,6 +301,7 @@ async def _finish_layer(
             "wait": round(begun - layer.staged, 3), "mkfs": round(made - begun, 3),
             "encode": round(encoded - made, 3), "push": round(pushed - encoded, 3),
         },
+        chunk_choice=choice.to_json() if choice is not None else None,
     )  # fmt: skip
     return report, descriptor
 

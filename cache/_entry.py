@@ -142,18 +142,16 @@ def _write_all(fd: int, buffers: list[bytes]) -> None:
         rest = rest[n:]
 
 
-def read_entry(sub: int, name: str, key: bytes, size: int, *, verify: bool, touch_it: bool) -> bytes | Damage | None:
-    """The data of entry ``name`` in directory ``sub``: bytes when good, None
-    when absent (or unreadable for a passing reason), :class:`Damage` when
-    what is there must go (wrong size, bad header, digest mismatch with
-    ``verify``, not a regular file, a symbolic link: never followed)."""
+def _open(sub: int, name: str) -> int | Damage | None:
+    """A read descriptor on entry ``name`` (never through a symbolic link):
+    an int, None when absent or unopenable for a passing reason, Damage for a link."""
     try:
         try:
-            fd = os.open(name, _READ_FLAGS | _NOATIME, dir_fd=sub)
+            return os.open(name, _READ_FLAGS | _NOATIME, dir_fd=sub)
         except PermissionError:
             # O_NOATIME needs the file's owner (or CAP_FOWNER): an entry
             # root left in our directory is read without it.
-            fd = os.open(name, _READ_FLAGS, dir_fd=sub)
+            return os.open(name, _READ_FLAGS, dir_fd=sub)
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -165,14 +163,30 @@ def read_entry(sub: int, name: str, key: bytes, size: int, *, verify: bool, touc
         except OSError:
             return None
         return Damage("a symbolic link, not followed", link)
+
+
+def _shape_problem(st: os.stat_result, size: int) -> str | None:
+    """Why an entry of ``size`` data bytes with stat ``st`` must go, or None."""
+    if not stat.S_ISREG(st.st_mode):
+        return "not a regular file"
+    if st.st_size != HEADER_SIZE + size:
+        return f"size {st.st_size}, expected {HEADER_SIZE + size}"
+    return None
+
+
+def read_entry(sub: int, name: str, key: bytes, size: int, *, verify: bool, touch_it: bool) -> bytes | Damage | None:
+    """The data of entry ``name`` in directory ``sub``: bytes when good, None
+    when absent (or unreadable for a passing reason), :class:`Damage` when
+    what is there must go (wrong size, bad header, digest mismatch with
+    ``verify``, not a regular file, a symbolic link: never followed)."""
+    fd = _open(sub, name)
+    if not isinstance(fd, int):
+        return fd
     st: os.stat_result | None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            reason = "not a regular file"
-        elif st.st_size != HEADER_SIZE + size:
-            reason = f"size {st.st_size}, expected {HEADER_SIZE + size}"
-        else:
+        reason = _shape_problem(st, size)
+        if reason is None:
             head = os.pread(fd, HEADER_SIZE, 0)
             # Reading the whole entry now makes a concurrent eviction
             # harmless: an unlinked file stays readable through our fd.
@@ -201,30 +215,14 @@ def open_entry(sub: int, name: str, size: int, *, touch_it: bool) -> int | Damag
     (the caller closes it), None when absent, :class:`Damage` when what is
     there must go. The data itself is not read: it was verified when written
     (``verify_at_rest`` readers use :func:`read_entry` instead)."""
-    try:
-        try:
-            fd = os.open(name, _READ_FLAGS | _NOATIME, dir_fd=sub)
-        except PermissionError:
-            fd = os.open(name, _READ_FLAGS, dir_fd=sub)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            log.debug("chunk cache: cannot open %s: %s", name, exc)
-            return None
-        try:
-            link = os.stat(name, dir_fd=sub, follow_symlinks=False)
-        except OSError:
-            return None
-        return Damage("a symbolic link, not followed", link)
+    fd = _open(sub, name)
+    if not isinstance(fd, int):
+        return fd
     st: os.stat_result | None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            reason = "not a regular file"
-        elif st.st_size != HEADER_SIZE + size:
-            reason = f"size {st.st_size}, expected {HEADER_SIZE + size}"
-        else:
+        reason = _shape_problem(st, size)
+        if reason is None:
             magic, version, length, _ = _HEADER.unpack(os.pread(fd, HEADER_SIZE, 0))
             if magic != _MAGIC or version != _VERSION or length != size:
                 reason = "bad header"

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from lazyfs.cli._files import write_atomic
 from lazyfs.errors import LazyErofsError
 from lazyfs.format import EncodeResult, seekable
 from lazyfs.produce import build_blob, write_descriptor
@@ -188,7 +189,7 @@ def _build_optimized(args: argparse.Namespace) -> EncodeResult:
         digest = result.descriptor["digest"]
         frames, times = layout_profile_layer(report, digest, result.chunk_size)
         layer = ProfileLayer(digest, tuple(frames), tuple(times), result.chunk_size, result.frame_count)
-        write_file(args.profile_out, dump_profile(Profile((layer,))))
+        write_atomic(args.profile_out, dump_profile(Profile((layer,))))
     return result
 
 
@@ -207,22 +208,6 @@ def describe_layout(report: object) -> str:
     if report.ignored_ranges:
         line += f"; {report.ignored_ranges} profile frames on nothing in the image"
     return line
-
-
-def write_file(path: str, data: bytes) -> None:
-    """Write through a temporary file and a rename."""
-    import tempfile
-
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".lazyerofs-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def run(args: argparse.Namespace) -> int:

@@ -26,13 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lazyfs.cli._files import write_atomic
 from lazyfs.cli._registry_opts import add_registry_options, options_from_args
 from lazyfs.cli.build import (
     add_auto_options,
     add_profile_options,
     describe_layout,
     report_choice,
-    write_file,
 )
 from lazyfs.errors import FormatError, IntegrityError, LazyErofsError
 from lazyfs.produce.chunksize import ChunkChoice, Link, parse_chunk_size
@@ -279,7 +279,7 @@ async def optimize_image(
     profile = Profile(tuple(profile_layers), image=report.digest)
     data = dump_profile(profile)
     if profile_out:
-        write_file(profile_out, data)
+        write_atomic(profile_out, data)
     if push_profile and profile.frame_total:
         subject = {"mediaType": MEDIA_OCI_MANIFEST, "digest": report.digest, "size": len(body)}
         created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -14,9 +14,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Sequence
 
+from lazyfs.cli._files import write_atomic
 from lazyfs.cli._registry_opts import add_registry_options, options_from_args
 from lazyfs.errors import FormatError, NotFoundError
 
@@ -78,7 +78,7 @@ def run_save(args: argparse.Namespace) -> int:
     if args.output == "-":
         sys.stdout.buffer.write(out)
     else:
-        _write_atomic(args.output, out)
+        write_atomic(args.output, out)
     layers = sum(1 for layer in profile.layers if layer.frames)
     print(
         f"lazyerofs: saved {profile.frame_total} frames of {layers} layers"
@@ -87,19 +87,6 @@ def run_save(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".profile-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ------------------------------------------------------------------ show

@@ -48,15 +48,8 @@ def build_blob(
     ``link`` (:mod:`lazyfs.produce.chunksize`) and hands the choice to
     ``on_choice`` before encoding.
     """
-    path = Path(src)
-    if not path.exists():
-        raise FormatError(f"{src}: no such file or directory")
+    path, out_dir = _check_paths(src, output)
     _check_options(chunk_size, level)
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise FormatError(f"{output}: output directory {out_dir} does not exist")
-    if os.path.isdir(output):
-        raise FormatError(f"{output}: is a directory; -o names the blob file to write")
     opts = dict(
         level=level,
         dm_verity=dm_verity,
@@ -125,15 +118,8 @@ def build_optimized_blob(
     """
     from lazyfs.produce.layout import read_hints, relocate_image
 
-    path = Path(src)
-    if not path.exists():
-        raise FormatError(f"{src}: no such file or directory")
+    path, out_dir = _check_paths(src, output)
     _check_options(chunk_size, level)
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise FormatError(f"{output}: output directory {out_dir} does not exist")
-    if os.path.isdir(output):
-        raise FormatError(f"{output}: is a directory; -o names the blob file to write")
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         if path.is_dir():
             image = os.path.join(tmp, "plain.erofs")
@@ -164,6 +150,19 @@ def touched_basis(report: LayoutReport, profile: str | os.PathLike[str]) -> str:
     from lazyfs.produce.chunksize import profile_basis
 
     return profile_basis([(s, e) for s, e, _ms in report.new_ranges], f"profile {os.path.basename(profile)}")
+
+
+def _check_paths(src: str | os.PathLike[str], output: str) -> tuple[Path, str]:
+    """(source path, output directory), or FormatError naming what is wrong."""
+    path = Path(src)
+    if not path.exists():
+        raise FormatError(f"{src}: no such file or directory")
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise FormatError(f"{output}: output directory {out_dir} does not exist")
+    if os.path.isdir(output):
+        raise FormatError(f"{output}: is a directory; -o names the blob file to write")
+    return path, out_dir
 
 
 def _check_options(chunk_size: int | str, level: int) -> None:

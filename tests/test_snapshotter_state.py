@@ -225,3 +225,31 @@ def test_concurrent_prepares_of_one_key_create_it_once(sn):
     for t in threads:
         t.join()
     assert len(errors) == 7 and len(sn.list([])) == 1
+
+
+# -- the pre-imported mount helper
+
+
+def test_zygote_runs_commands_and_reports_status_and_stderr():
+    from lazyfs.snapshotter.zygote import Zygote
+
+    z = Zygote()
+    z.start()
+    try:
+        assert z.run(["--version"], None, 60) == (0, "")
+        rc, err = z.run(["mount", "localhost:1/no/such:v1", "/nonexistent/dir"], None, 60)
+        assert rc == 1 and err.startswith("lazyerofs: error:") and "Traceback" not in err
+        # It serves one request after another from the same process.
+        assert z.run(["--version"], None, 60) == (0, "")
+    finally:
+        z.stop()
+
+
+def test_zygote_that_is_gone_declines_so_the_caller_starts_a_process():
+    from lazyfs.snapshotter.zygote import Zygote
+
+    z = Zygote()
+    assert z.run(["--version"], None, 5) is None  # never started
+    z.start()
+    z.stop()
+    assert z.run(["--version"], None, 5) is None

@@ -146,6 +146,8 @@ class RemoteLayers:
                 raise RemoteError(f"mounting {ref} took longer than {MOUNT_TIMEOUT:g}s") from None
             done = proc.returncode, proc.stderr
         rc, stderr = done
+        if rc == 124:
+            self._unmount_dir(str(target))
         if rc != 0:
             why = stderr.strip().splitlines()
             raise RemoteError(f"cannot mount {ref}: {why[-1] if why else f'exit status {rc}'}")

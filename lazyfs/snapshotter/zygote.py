@@ -55,7 +55,9 @@ class Zygote:
 
     def run(self, argv: Sequence[str], stdin: str | None, timeout: float) -> tuple[int, str] | None:
         """(exit status, stderr) of ``lazyerofs ARGV``, or None when the
-        helper is busy or gone (then the caller starts a process itself)."""
+        helper is busy or gone before taking the request (then the caller
+        starts a process itself). A request taken and not answered within
+        ``timeout`` is a failure (status 124), not a reason to run it again."""
         if not self._lock.acquire(blocking=False):
             return None
         try:
@@ -72,10 +74,11 @@ class Zygote:
             reader.start()
             reader.join(timeout)
             if reader.is_alive() or not answer or not answer[0]:
-                # Hung or dead: never trust it again.
+                # Hung or dead after taking the request: never trust it again,
+                # and do not run the mount a second time (it may still come up).
                 proc.kill()
                 self._proc = None
-                return None
+                return 124, f"lazyerofs: error: the mount did not finish within {timeout:g}s"
             reply = json.loads(answer[0])
             return int(reply["rc"]), str(reply["stderr"])
         finally:

@@ -8,10 +8,12 @@ layers, served by a real ``docker-registry`` behind an emulated network
 * ``eager``: what containerd's EROFS differ does today: download every blob
   whole, verify and decode every frame, write ``layer.erofs``, kernel-mount
   each layer, stack them with overlayfs, chroot and run;
-* ``lazy``: ``lazyerofs mount --rootfs`` with an empty chunk cache;
+* ``lazy``: ``lazyerofs mount --rootfs`` with an empty chunk cache and the
+  default policy (the rest of the image is fetched in the background once
+  mounted, stepping aside for on-demand reads);
 * ``lazy-warm``: the same with the chunk cache kept (page cache dropped);
-* ``lazy+prefetch``: ``lazy`` with ``--prefetch`` (the daemon fetches the
-  remaining frames in the background, pausing while on-demand reads wait);
+* ``lazy-ondemand``: ``lazy`` with ``--no-prefetch`` (on-demand reads only:
+  the default before issue 12, measured in the same run against the new one);
 * ``lazy+profile``: a cold mount (empty cache) that finds the startup profile
   the ``lazy`` run of the same workload recorded and pushed to the registry,
   and replays it (the other lazy strategies mount with ``--no-profile``);
@@ -71,7 +73,7 @@ WORKLOADS: dict[str, str] = {
     ),
 }
 # Run in this order at each point: lazy-warm reuses the chunk cache lazy filled.
-STRATEGIES = ("eager", "lazy", "lazy-warm", "lazy+prefetch", "lazy+profile")
+STRATEGIES = ("eager", "lazy", "lazy-warm", "lazy-ondemand", "lazy+profile")
 # manifest, then all chunk tables (parallel), then all touched frames (parallel)
 LIMIT_ROUND_TRIPS = 3
 
@@ -215,8 +217,8 @@ def lazy_mount(
     for d in (mnt, rootfs):
         d.mkdir(parents=True, exist_ok=True)
     args = ["mount", ref, str(mnt), "--rootfs", str(rootfs), "--cache-dir", str(cache), "--touch-log", str(touch_log)]
-    if prefetch:
-        args.append("--prefetch")
+    if not prefetch:
+        args.append("--no-prefetch")
     if not profile:
         args.append("--no-profile")
     args += EXTRA_MOUNT_ARGS
@@ -351,7 +353,7 @@ def run_one(strategy: str, upstream: str, rtt_ms: float, mbit: float, tag: str, 
             workload,
             work,
             warm=strategy == "lazy-warm",
-            prefetch=strategy == "lazy+prefetch",
+            prefetch=strategy != "lazy-ondemand",
             touch_log=work / f"touch-{strategy}.json",
             profile=strategy == "lazy+profile",
             save_profile=profile_file if strategy == "lazy" else None,
@@ -432,6 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         image_desc = "Debian bookworm minbase + python3 (debootstrap)"
 
     measurements: list[dict[str, Any]] = []
+    # Other jobs may share the machine: its load goes with every timing.
+    loads: list[float] = [os.getloadavg()[0]]
     failures: list[dict[str, Any]] = []
     images: dict[int, dict[str, Any]] = {}
     registry = LocalRegistry(run_dir / "registry" / "storage")
@@ -459,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                     for strategy in args.strategy_list:
                         n += 1
                         base = {
+                            "load1": os.getloadavg()[0],
                             "chunk_size": chunk,
                             "rtt_ms": rtt_ms,
                             "mbit": mbit,
@@ -477,9 +482,10 @@ def main(argv: list[str] | None = None) -> int:
                             print(f"[{n}/{total_runs}] {strategy} FAILED: {type(exc).__name__}: {exc}", flush=True)
                             continue
                         measurements.append(base | m)
+                        loads.append(base["load1"])
                         print(
                             f"[{n}/{total_runs} {time.monotonic() - started:5.0f}s] chunk {format_size(chunk):>7} "
-                            f"rtt {rtt_ms:3g}ms {mbit:5g}Mbit {wname:8} {strategy:13} ready {m['ready_s']:6.2f}s "
+                            f"rtt {rtt_ms:3g}ms {mbit:5g}Mbit {wname:8} {strategy:13} load {base['load1']:4.1f} ready {m['ready_s']:6.2f}s "
                             f"done {m['done_s']:6.2f}s  {format_size(m['bytes_fetched']):>10} in {m['requests']} requests",
                             flush=True,
                         )
@@ -501,6 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         "limit_round_trips": LIMIT_ROUND_TRIPS,
         "machine": machine_info(),
         "wall_s": time.monotonic() - started,
+        "load": {"start": loads[0], "end": os.getloadavg()[0], "min": min(loads), "max": max(loads)},
         "argv": sys.argv[1:] if argv is None else argv,
         "failures": failures,
     }

@@ -90,7 +90,7 @@ def test_every_layer_file_is_byte_identical_to_its_raw_image(mounter: Mounter, i
 
 
 def test_reading_one_small_file_fetches_a_small_fraction(mounter: Mounter, image: Image):
-    m = mounter(image.ref, rootfs=True)
+    m = mounter(image.ref, "--no-prefetch", rootfs=True)  # on demand only (the default fetches the rest too)
     assert m.rootfs is not None
     assert (m.rootfs / "etc" / "layer2.conf").read_text() == "layer = 2\n"
     stats = m.stats()
@@ -139,7 +139,7 @@ def test_second_mount_with_a_warm_cache_fetches_no_frame(mounter: Mounter, image
     first.layer(0).read_bytes()
     assert first.stats()["frames_fetched"] > 0
     lazyerofs("umount", str(first.dir))
-    second = mounter(image.ref, cache_dir=cache)
+    second = mounter(image.ref, "--no-prefetch", cache_dir=cache)  # on demand only: layers 1-2 were never read
     assert second.layer(0).read_bytes() == image.raws[0]
     stats = second.stats()
     assert stats["frames_fetched"] == 0
@@ -180,7 +180,7 @@ def test_tampered_frame_gives_eio_there_and_correct_bytes_elsewhere(mounter: Mou
 
 def test_registry_down_gives_eio_within_the_deadline_and_recovers(mounter: Mounter, registry, tmp_path: Path):
     img = build_image(registry, tmp_path, "outage", layers=1)
-    m = mounter(img.ref, "--read-timeout", "3", "--retries", "1")
+    m = mounter(img.ref, "--read-timeout", "3", "--retries", "1", "--no-prefetch")  # frame 10 stays remote
     raw = img.raws[0]
     with open(m.layer(0), "rb") as f:
         assert f.read(100) == raw[:100]

@@ -77,7 +77,7 @@ def test_a_second_mount_with_the_same_cache_fetches_no_chunk_table(mounter: Moun
     assert first.stats()["chunk_tables"] == {"fetched": 3, "cached": 0}
     lazyerofs("umount", str(first.dir))
 
-    second = mounter(image.ref, cache_dir=cache)
+    second = mounter(image.ref, "--no-prefetch", cache_dir=cache)  # nothing fetched in the background
     stats = second.stats()
     assert stats["chunk_tables"] == {"fetched": 0, "cached": 3}
     assert stats["requests"] == 0  # nothing fetched before the first read
@@ -96,7 +96,7 @@ def test_a_tampered_stored_table_is_refused_and_fetched_again(mounter: Mounter, 
     tampered[-1] ^= 0x01  # the last checksum byte: the header still parses
     stored.write_bytes(bytes(tampered))
 
-    second = mounter(image.ref, cache_dir=cache)
+    second = mounter(image.ref, "--no-prefetch", cache_dir=cache)  # nothing fetched in the background
     stats = second.stats()
     assert stats["chunk_tables"] == {"fetched": 1, "cached": 2}
     assert stats["layers"][1]["requests"] == 1  # the table, from the registry

@@ -116,8 +116,13 @@ examples:
     )
     g.add_argument(
         "--prefetch",
-        action="store_true",
-        help="after mounting, fetch the remaining frames in the background (pauses while reads wait)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=(
+            "once mounted (and after the startup profile), fetch the rest of the image in the background: "
+            "metadata first, then frames next to recent misses, with enough requests in flight to fill the "
+            "measured link, stepping aside for on-demand reads (default: on; --no-prefetch: on demand only)"
+        ),
     )
     g.add_argument(
         "--fetch-ahead",

@@ -87,8 +87,7 @@ def run(args: argparse.Namespace) -> int:
         mount_args += ["--cache-dir", os.path.abspath(args.cache_dir)]
     if args.cache_size:
         mount_args += ["--cache-size", str(args.cache_size)]
-    if not args.no_prefetch:
-        mount_args.append("--prefetch")
+    mount_args.append("--no-prefetch" if args.no_prefetch else "--prefetch")
     mount_args += args.mount_option
     if args.metrics and ":" not in args.metrics:
         raise MountError(f"--metrics wants HOST:PORT, not {args.metrics!r}")

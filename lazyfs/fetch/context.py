@@ -224,17 +224,27 @@ class DecodeBudget:
     def _size(self, nbytes: int) -> int:
         return min(max(nbytes, 1), self.limit)
 
-    async def reserve(self, nbytes: int) -> int:
-        """Wait until ``nbytes`` fit, take them; returns what to :meth:`release`."""
+    async def reserve(self, nbytes: int, *, background: bool = False) -> int:
+        """Wait until ``nbytes`` fit, take them; returns what to :meth:`release`.
+
+        ``background`` (replay, fetch of the rest): wait until they fit with
+        a quarter of the budget still free, so on-demand reads arriving
+        meanwhile find room at once."""
         n = self._size(nbytes)
         await trio.lowlevel.checkpoint_if_cancelled()
-        if self.used + n > self.limit:
+        if not self._fits(n, background):
             self.waits += 1
-        while self.used + n > self.limit:
+        while not self._fits(n, background):
             await self._lot.park()
             n = self._size(nbytes)  # the limit may have moved
         self._take(n)
         return n
+
+    def _fits(self, n: int, background: bool) -> bool:
+        if background and self.used:
+            # Never blocks forever: with nothing in flight, anything goes.
+            return self.used + n + self.limit // 4 <= self.limit
+        return self.used + n <= self.limit
 
     def try_reserve(self, nbytes: int) -> int | None:
         """Take ``nbytes`` if they fit now (never waits); None if not. For

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+from typing import Literal
 
 import trio
 
@@ -34,7 +35,11 @@ from lazyfs.fetch.policy import FetchPolicy, ReadPattern, Stream
 from lazyfs.fetch.source import CountingSource
 from lazyfs.format import seekable
 
-__all__ = ["FrameStore"]
+__all__ = ["FrameStore", "Priority"]
+
+# Who waits for a fetch: a reader ("demand"), or nobody yet ("background":
+# replay, fetch of the rest), which yields memory to readers.
+Priority = Literal["demand", "background"]
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +118,11 @@ class FrameStore:
     def known_present(self, i: int) -> bool:
         return i in self._present
 
+    def in_flight(self, i: int) -> bool:
+        """True while frame ``i`` is being fetched (by anyone): a read of it
+        waits for that fetch, it does not start another."""
+        return i in self._flights
+
     def touched(self) -> list[tuple[int, int, int]]:
         """(frame, blob start, blob end) of every frame fetched, in first-fetch order."""
         return [(i, *self.table.span(i)) for i in self._touched]
@@ -150,15 +160,21 @@ class FrameStore:
         parts = await self._get(wants, whole=sequential)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def frames(self, frames: range) -> list[bytes]:
+    async def frames(self, frames: range, *, priority: Priority = "demand") -> list[bytes]:
         """Data of each frame in ``frames``, from cache or one shared fetch.
+
+        ``priority="background"`` (profile replay, fetch of the rest): the
+        fetch takes room in the memory budget only while a quarter of it
+        stays free for on-demand reads, and fetches nothing ahead.
 
         Raises FetchError or IntegrityError (after one refetch) for a frame
         that cannot be had.
         """
-        return await self._get([(i, 0, self.table.raw_length(i)) for i in frames])
+        return await self._get([(i, 0, self.table.raw_length(i)) for i in frames], priority=priority)
 
-    async def _get(self, wants: list[tuple[int, int, int]], *, whole: bool = False) -> list[bytes]:
+    async def _get(
+        self, wants: list[tuple[int, int, int]], *, whole: bool = False, priority: Priority = "demand"
+    ) -> list[bytes]:
         """Bytes ``[lo, hi)`` of each frame ``i`` of ``wants`` (ascending);
         ``whole``: a cached frame is loaded whole (into the memory LRU)."""
         results: dict[int, bytes] = {}
@@ -178,8 +194,10 @@ class FrameStore:
                 mine.append(i)
             waits.append((i, lo, hi, flight))
         if mine:
-            mine += await self._claim_ahead(mine[-1])
-            await self._fetch_runs(self.policy.runs(mine, self.table))
+            background = priority == "background"
+            if not background:
+                mine += await self._claim_ahead(mine[-1])
+            await self._fetch_runs(self.policy.runs(mine, self.table), background=background)
         for i, lo, hi, flight in waits:
             await flight.done.wait()
             if flight.error is not None:
@@ -328,19 +346,19 @@ class FrameStore:
         compressed = self.table.span(run[-1])[1] - start
         return compressed + sum(self.table.raw_length(i) for i in run)
 
-    async def _fetch_runs(self, runs: list[list[int]], *, held: int | None = None) -> None:
+    async def _fetch_runs(self, runs: list[list[int]], *, held: int | None = None, background: bool = False) -> None:
         """Fetch runs of frames this task leads, one request each; in the
         background nursery if there is one (:meth:`start`). ``held``: budget
         already reserved for the single run given."""
         if self._nursery is not None:
             for run in runs:
-                self._nursery.start_soon(self._lead, run, held)
+                self._nursery.start_soon(self._lead, run, held, background)
             return
         async with trio.open_nursery() as nursery:
             for run in runs:
-                nursery.start_soon(self._lead, run, held)
+                nursery.start_soon(self._lead, run, held, background)
 
-    async def _lead(self, run: list[int], held: int | None = None) -> None:
+    async def _lead(self, run: list[int], held: int | None = None, background: bool = False) -> None:
         """Fetch one run in one request, then settle each frame's flight in
         parallel; always settles every flight, even on cancellation. The run
         holds its bytes in flight (reserved here if not already) until every
@@ -349,7 +367,7 @@ class FrameStore:
         budget = self.context.decode_budget
         try:
             if held is None:
-                held = await budget.reserve(self._run_bytes(run))
+                held = await budget.reserve(self._run_bytes(run), background=background)
             start = self.table.span(run[0])[0]
             blob = await self.source.read(start, self.table.span(run[-1])[1] - start)
             view = memoryview(blob)

@@ -23,6 +23,7 @@ and decoded on worker threads, so the network, SHA-512 and zstd overlap
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -31,6 +32,8 @@ import trio
 
 __all__ = [
     "AUTO_FETCH_AHEAD_CAP",
+    "BACKGROUND_RUN_MAX",
+    "BACKGROUND_RUN_MIN",
     "DEFAULT_MERGE_BYTES",
     "DEFAULT_STREAM_AHEAD",
     "PREFETCH_BATCH_BYTES",
@@ -69,6 +72,13 @@ SEQUENTIAL_AFTER = 1 << 20
 STREAM_SLACK = 8 << 20
 # Streams remembered per layer (most recent first).
 STREAM_SLOTS = 16
+
+# Background requests (profile replay, fetch of the rest): compressed bytes
+# per request, about a quarter of the bandwidth-delay product within these
+# bounds (at least one frame): large enough that a round trip a request is
+# cheap, small enough that an on-demand read queued behind one waits little.
+BACKGROUND_RUN_MIN = 512 << 10
+BACKGROUND_RUN_MAX = 4 << 20
 
 # Raw bytes to fetch past a miss, or "auto" (one bandwidth-delay product).
 FetchAhead = int | Literal["auto"]
@@ -112,24 +122,114 @@ class Demand:
 class LinkEstimate:
     """What the network between us and the registry looks like, learnt from
     our own requests: round-trip time (the fastest request seen: small
-    requests are nearly all latency) and bandwidth (a moving average over
-    large requests). Their product, the bandwidth-delay product, is how many
-    bytes one round trip is worth: fetching that much extra costs about one
-    round trip of transfer, and saves a whole round trip when it is used.
+    requests are nearly all latency) and bandwidth. Their product, the
+    bandwidth-delay product, is how many bytes one round trip is worth:
+    fetching that much extra costs about one round trip of transfer, and
+    saves a whole round trip when it is used; and it is how many bytes must
+    be in flight to keep the link full.
+
+    Bandwidth is the link's, not one request's: requests that run together
+    share the link, so each one alone sees a fraction of it (dividing a
+    request's bytes by its time under load is what made ``--fetch-ahead
+    auto`` shrink exactly when the link was busy). Requests announced with
+    :meth:`begin` / :meth:`end` are measured together: bytes delivered over
+    the last ``window`` of time in which at least one was in flight, and the
+    estimate is the highest such rate of the last :data:`RATE_MEMORY`
+    seconds (a busy link shows its capacity; an idle one says nothing).
+    :meth:`observe` alone (one request, nothing else known) falls back to
+    that request's own rate.
     """
 
     LARGE = 128 << 10  # requests at least this big measure bandwidth
+    PLATEAU_ROUNDS = 3  # rounds without 25% growth: the link is full
+    RATE_MEMORY = 10.0  # seconds a delivery-rate sample counts for the maximum
+    MIN_WINDOW = 0.1  # seconds of busy link a delivery-rate sample spans, at least
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] | None = None) -> None:
         self.rtt: float | None = None
         self.bandwidth: float | None = None  # bytes per second
+        self.in_flight = 0
+        self._clock = clock
+        self._busy_since: float | None = None
+        self._done: deque[tuple[float, int]] = deque()  # (time, bytes) of requests finished this busy period
+        self._rates: deque[tuple[float, float]] = deque()  # (time, bytes/s) delivery-rate samples
+        self._single: float | None = None  # per-request rate (EWMA): the fallback
+        # Filling: the estimate still grows (by a quarter a round trip, in
+        # the last PLATEAU_ROUNDS): whoever fills the link should keep
+        # probing it with more in flight than the estimate asks for.
+        self._round_at: float | None = None
+        self._round_rate = 0.0
+        self._plateau = 0
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else trio.current_time()
+
+    def begin(self) -> float:
+        """A request goes out; returns its start time for :meth:`end`."""
+        now = self._now()
+        if self.in_flight == 0:
+            self._busy_since = now
+            self._done.clear()
+        self.in_flight += 1
+        return now
+
+    def end(self, started: float, nbytes: int) -> None:
+        """The request :meth:`begin` returned ``started`` for has delivered ``nbytes`` (0: failed)."""
+        now = self._now()
+        self.in_flight = max(self.in_flight - 1, 0)
+        if nbytes:
+            self._sample_rtt(now - started)
+            self._single_rate(nbytes, now - started)
+            self._aggregate(now, nbytes)
+        if self.in_flight == 0:
+            self._busy_since = None
 
     def observe(self, nbytes: int, seconds: float) -> None:
+        """One request, timed alone (nothing known of others in flight)."""
+        self._sample_rtt(seconds)
+        self._single_rate(nbytes, seconds)
+        self._update()
+
+    def _sample_rtt(self, seconds: float) -> None:
         self.rtt = seconds if self.rtt is None else min(self.rtt, seconds)
-        if nbytes >= self.LARGE:
+
+    def _single_rate(self, nbytes: int, seconds: float) -> None:
+        if nbytes >= self.LARGE and self.rtt is not None:
             transfer = max(seconds - self.rtt, 1e-4)
             sample = nbytes / transfer
-            self.bandwidth = sample if self.bandwidth is None else 0.7 * self.bandwidth + 0.3 * sample
+            self._single = sample if self._single is None else 0.7 * self._single + 0.3 * sample
+
+    def _aggregate(self, now: float, nbytes: int) -> None:
+        done = self._done
+        done.append((now, nbytes))
+        window = max(self.MIN_WINDOW, 4 * (self.rtt or 0.0))
+        while done and done[0][0] <= now - window:
+            done.popleft()
+        since = self._busy_since if self._busy_since is not None else now
+        span = now - max(since, now - window)
+        if span >= self.MIN_WINDOW / 2:
+            self._rates.append((now, sum(n for _t, n in done) / span))
+        while self._rates and self._rates[0][0] < now - self.RATE_MEMORY:
+            self._rates.popleft()
+        self._update()
+        # One round per round trip (at least MIN_WINDOW): did the estimate grow?
+        if self._round_at is None:
+            self._round_at = now
+        elif now - self._round_at >= max(self.rtt or 0.0, self.MIN_WINDOW):
+            rate = self.bandwidth or 0.0
+            self._plateau = 0 if rate >= 1.25 * self._round_rate else self._plateau + 1
+            self._round_rate = max(rate, self._round_rate)
+            self._round_at = now
+
+    @property
+    def filling(self) -> bool:
+        """True until the bandwidth estimate stopped growing for a few round
+        trips: the link may be faster than measured so far."""
+        return self._plateau < self.PLATEAU_ROUNDS
+
+    def _update(self) -> None:
+        # Requests measured together say more than one alone.
+        self.bandwidth = max((r for _t, r in self._rates), default=self._single)
 
     def bdp(self) -> int:
         """Bytes in flight over one round trip; 0 until both are known."""
@@ -300,6 +400,38 @@ class FetchPolicy:
         ):
             j += 1
         return range(first, j + 1)
+
+    def background_run_bytes(self, link: LinkEstimate) -> int:
+        """Compressed bytes per background request (a run holds at least one frame)."""
+        return min(max(link.bdp() // 4, BACKGROUND_RUN_MIN), BACKGROUND_RUN_MAX)
+
+    def background_window(self, link: LinkEstimate, run_bytes: int, *, demand_waiting: bool) -> int | None:
+        """Compressed bytes background requests may have in flight, or None
+        while the link is not measured yet (the caller starts with a few
+        requests, which measure it).
+
+        To fill the link, one bandwidth-delay product must be in flight
+        (requests waiting out their round trip) plus a request being
+        transferred; a quarter more lets the estimate grow when the link
+        turns out faster than measured. While an on-demand read waits for a
+        frame nobody is fetching, only the bandwidth-delay product and half a
+        request: then at most about that much is ahead of it in the link's
+        queue. While the
+        estimate still grows (:attr:`LinkEstimate.filling`, the first few
+        round trips), twice the bandwidth-delay product: what is in flight
+        bounds what can be measured, so only more in flight finds the
+        link's real speed.
+        """
+        bdp = link.bdp()
+        if not bdp:
+            return None
+        if link.filling:
+            # Still learning how fast the link is: twice what it has shown,
+            # so the next measurement can show more.
+            return 2 * bdp + 2 * run_bytes
+        if demand_waiting:
+            return bdp + run_bytes // 2
+        return bdp + bdp // 4 + run_bytes
 
     async def before_prefetch(self, demand: Demand) -> None:
         """Wait before a background request: on-demand reads go first."""

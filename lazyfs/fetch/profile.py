@@ -48,13 +48,15 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
 
 from lazyfs.errors import FormatError, LazyErofsError
+from lazyfs.fetch.policy import FetchPolicy
 from lazyfs.format.digest import check_digest
 
 __all__ = [
@@ -88,13 +90,11 @@ MAX_PROFILE_FRAMES = 200_000
 _MAX_FRAME_INDEX = 1 << 40  # far past any real table (MAX_TABLE_SIZE bounds those)
 _MAX_MS = 1 << 40
 
-# Replay: requests in flight before the link is measured, and the bounds.
+# Replay: requests in flight before the link is measured, and the bounds
+# (once it is, the bytes in flight follow its bandwidth-delay product).
 REPLAY_INITIAL_REQUESTS = 4
 REPLAY_MIN_REQUESTS = 2
-REPLAY_MAX_REQUESTS = 16
-# Compressed bytes per replay request (at least one frame): an on-demand read
-# queued behind the requests in flight waits for little more than one of them.
-REPLAY_RUN_BYTES = 1 << 20
+REPLAY_MAX_REQUESTS = 32
 # How far ahead in the recorded order a neighbouring frame may be pulled
 # into the same request.
 REPLAY_MERGE_WINDOW = 64
@@ -390,14 +390,19 @@ class _Demand(Protocol):
 class _Link(Protocol):
     rtt: float | None
 
+    def bdp(self) -> int: ...
+
 
 @dataclass
 class ReplayTarget:
-    """One layer a replay may fetch for: its digest, table and frame store."""
+    """One layer a replay may fetch for: its digest, table and frame store.
+    ``background``: the store is a real :class:`~lazyfs.fetch.frames.FrameStore`
+    (``frames(priority=)``, ``in_flight(i)``), not a stand-in."""
 
     digest: str
     table: _Table
     store: _Store
+    background: bool = False
 
 
 @dataclass
@@ -410,21 +415,40 @@ class _Counts:
     requests: int = 0
     bytes: int = 0
     fetched_frames: list[set[int]] = field(default_factory=list)
+    rest_frames: int = 0  # frames of the rest of the image fetched after the profile
+    rest_requests: int = 0
+    rest_bytes: int = 0
+    resyncs: int = 0  # times the replay jumped to where a reader was
 
 
 class ProfileReplay:
-    """Fetch a profile's frames ahead of the reads that will want them.
+    """Fetch a profile's frames ahead of the reads that will want them, and
+    (``rest``) then the rest of the image: the background fetcher of a mount.
 
     Frames go in recorded order (all layers merged by time); a frame is
     skipped if already cached; neighbouring frames recorded within the next
-    :data:`REPLAY_MERGE_WINDOW` entries join its request, up to
-    ``run_bytes`` compressed. Before each request the replay waits until no
-    on-demand read is in progress, so such a read always goes first; the
-    number of requests in flight follows the link: ``1 + rtt * goodput /
-    request size`` (the requests it takes to keep the link busy through one
-    round trip), between :data:`REPLAY_MIN_REQUESTS` and ``max_requests``.
-    A failed request is logged and skipped; after
-    :data:`REPLAY_MAX_FAILURES` in a row the replay stops.
+    :data:`REPLAY_MERGE_WINDOW` entries join its request, up to ``run_bytes``
+    compressed (by default the policy's size for the measured link).
+
+    How much is in flight follows the link (:meth:`FetchPolicy.background_window`):
+    once the link is measured, enough compressed bytes to cover its
+    bandwidth-delay product plus one request; before that,
+    :meth:`target_requests` requests. An on-demand read always goes first:
+    while one waits for a frame that is neither present nor in one of the
+    replay's requests, the replay keeps only the bandwidth-delay product in
+    flight (so at most about one of its requests is ahead of that read on
+    the link; with the link unmeasured, or without ``reads``, nothing new
+    goes out), and its fetches yield memory to readers. Such a read also
+    shows where the workload is: when it wants a frame further on in the
+    recording, the replay jumps there (what it skipped comes in a second
+    pass), and with ``rest`` the frames just after it are fetched before
+    the rest of the image.
+
+    The rest of the image (``rest``): the first frame of every layer (where
+    EROFS keeps its superblock and most metadata), then frames next to the
+    recent misses, then everything else, layer by layer. A failed request is
+    logged and skipped; after :data:`REPLAY_MAX_FAILURES` in a row the
+    replay stops.
     """
 
     def __init__(
@@ -435,9 +459,12 @@ class ProfileReplay:
         link: _Link,
         *,
         timeout: float = 60.0,
-        run_bytes: int = REPLAY_RUN_BYTES,
+        run_bytes: int | None = None,
         max_requests: int = REPLAY_MAX_REQUESTS,
         reads: DemandReads | None = None,
+        rest: bool = False,
+        policy: FetchPolicy | None = None,
+        rest_after: trio.Event | None = None,
     ) -> None:
         self.targets = list(targets)
         self.demand = demand
@@ -445,7 +472,10 @@ class ProfileReplay:
         self._in_flight_frames: set[tuple[int, int]] = set()
         self.link = link
         self.timeout = timeout
-        self.run_bytes = run_bytes
+        self.fixed_run_bytes = run_bytes
+        self.policy = policy or FetchPolicy()
+        self.rest = rest
+        self.rest_after = rest_after  # the rest waits for this (the mount being ready)
         self.max_requests = max(1, max_requests)
         self.counts = _Counts(fetched_frames=[set() for _ in self.targets])
         self.order = self._plan(profile)
@@ -453,9 +483,15 @@ class ProfileReplay:
         self._pos = {entry: n for n, entry in enumerate(self.order)}
         self._taken: set[tuple[int, int]] = set()
         self._next = 0
+        self._second_pass = False
+        self._noted: set[tuple[int, int]] = set()
+        self._near: deque[tuple[int, int]] = deque()
+        self._rest = self._rest_order()
         self.in_flight = 0
+        self.bytes_in_flight = 0
         self.peak_in_flight = 0
-        self._lot = trio.lowlevel.ParkingLot()
+        self.peak_bytes_in_flight = 0
+        self._wake = trio.Event()
         self._busy = 0.0
         self._busy_since: float | None = None
         self._failures_in_row = 0
@@ -486,11 +522,28 @@ class ProfileReplay:
         timed.sort()
         return [(i, f) for _ms, _seq, i, f in timed]
 
+    def _rest_order(self) -> Iterator[tuple[int, int]]:
+        """The rest of the image: every layer's first frame (metadata), then all, layer by layer."""
+        layers = [(i, t) for i, t in enumerate(self.targets) if t is not None]
+        for i, t in layers:
+            if t.table.frame_count:
+                yield i, 0
+        for i, t in layers:
+            for f in range(1, t.table.frame_count):
+                yield i, f
+
     # -- scheduling ------------------------------------------------------------
 
+    def run_bytes(self) -> int:
+        """Compressed bytes a request may hold (at least one frame)."""
+        if self.fixed_run_bytes is not None:
+            return self.fixed_run_bytes
+        return self.policy.background_run_bytes(self.link)  # type: ignore[arg-type]
+
     def target_requests(self) -> int:
-        """Requests to keep in flight: enough to cover one round trip at the
-        rate this replay has been getting, within the bounds."""
+        """Requests to keep in flight while the link is not measured: enough
+        to cover one round trip at the rate this replay has been getting,
+        within the bounds."""
         c = self.counts
         busy = self._busy_time()
         rtt = self.link.rtt
@@ -508,16 +561,49 @@ class ProfileReplay:
             busy += trio.current_time() - self._busy_since
         return busy
 
-    async def _missing(self, i: int, f: int) -> bool:
-        store = self.targets[i].store  # type: ignore[union-attr]
+    def _may_start(self, waiting: bool) -> bool:
+        """True if one more request may go out now (``waiting``: an on-demand
+        read waits for a frame nobody is fetching)."""
+        if self.in_flight >= self.max_requests:
+            return False
+        window = self.policy.background_window(self.link, self.run_bytes(), demand_waiting=waiting)  # type: ignore[arg-type]
+        if window is None:
+            return not waiting and self.in_flight < self.target_requests()
+        return self.bytes_in_flight < window
+
+    async def _missing(self, i: int, f: int, *, count: bool = True) -> bool:
+        target = self.targets[i]
+        assert target is not None
+        store = target.store
+        if target.background and store.in_flight(f):  # type: ignore[attr-defined]
+            return False  # a reader's fetch already has it
         if store.known_present(f) or await store.is_cached(f):
-            self.counts.cached += 1
+            if count:
+                self.counts.cached += 1
             return False
         return True
 
     async def next_run(self) -> tuple[int, range] | None:
         """The next request: a missing frame in recorded order and the
-        missing neighbours after it that the profile wants soon."""
+        missing neighbours after it that the profile wants soon; once the
+        profile is done (and with ``rest``), the rest of the image."""
+        while True:
+            run = await self._next_profile_run()
+            if run is not None:
+                return run
+            if self._second_pass or not self.counts.resyncs:
+                break
+            # Frames skipped when the replay jumped ahead: one more pass.
+            self._second_pass = True
+            self._next = 0
+        if self.rest:
+            if self.rest_after is not None:
+                await self.rest_after.wait()
+            return await self._next_rest_run()
+        return None
+
+    async def _next_profile_run(self) -> tuple[int, range] | None:
+        run_bytes = self.run_bytes()
         while self._next < len(self.order):
             entry = self.order[self._next]
             self._next += 1
@@ -538,7 +624,7 @@ class ProfileReplay:
                 pos = self._pos.get(nxt)
                 if pos is None or pos >= horizon or nxt in self._taken:
                     break
-                if table.span(last + 1)[1] - start > self.run_bytes:
+                if table.span(last + 1)[1] - start > run_bytes:
                     break
                 self._taken.add(nxt)
                 if not await self._missing(*nxt):
@@ -547,11 +633,40 @@ class ProfileReplay:
             return i, range(first, last + 1)
         return None
 
+    async def _next_rest_run(self) -> tuple[int, range] | None:
+        run_bytes = self.run_bytes()
+        while True:
+            entry = self._near.popleft() if self._near else next(self._rest, None)
+            if entry is None:
+                return None
+            if entry in self._taken:
+                continue
+            self._taken.add(entry)
+            i, first = entry
+            if not await self._missing(i, first, count=False):
+                continue
+            target = self.targets[i]
+            assert target is not None
+            table = target.table
+            start = table.span(first)[0]
+            last = first
+            while last + 1 < table.frame_count:
+                nxt = (i, last + 1)
+                if nxt in self._taken or table.span(last + 1)[1] - start > run_bytes:
+                    break
+                self._taken.add(nxt)
+                if not await self._missing(*nxt, count=False):
+                    break
+                last += 1
+            return i, range(first, last + 1)
+
     async def run(self) -> None:
         """Replay to the end (or until it gives up); returns when the last request is done."""
         self.started = trio.current_time()
         try:
             async with trio.open_nursery() as nursery:
+                if self.reads is not None:
+                    nursery.start_soon(self._watch_reads)
                 while self.stopped is None:
                     await self._slot()
                     if self.stopped is not None:
@@ -559,57 +674,113 @@ class ProfileReplay:
                     run = await self.next_run()
                     if run is None:
                         break
-                    self._begin()
-                    nursery.start_soon(self._fetch, *run)
+                    i, frames = run
+                    target = self.targets[i]
+                    assert target is not None
+                    size = target.table.span(frames[-1])[1] - target.table.span(frames[0])[0]
+                    in_profile = (i, frames[0]) in self._pos
+                    self._begin(size)
+                    nursery.start_soon(self._fetch, i, frames, size, in_profile)
+                while self.in_flight:
+                    await self._wait()
+                nursery.cancel_scope.cancel()  # the watcher
         finally:
             self.finished = trio.current_time()
+        c = self.counts
         log.info(
-            "profile replay done in %.3fs: %d frames fetched, %d cached, %d failed, %d ignored",
-            self.finished - self.started, self.counts.fetched, self.counts.cached, self.counts.failed, self.counts.ignored,
+            "background fetch done in %.3fs: profile %d frames fetched, %d cached, %d failed, %d ignored; "
+            "rest %d frames in %d requests; peak %d requests, %d bytes in flight",
+            self.finished - self.started, c.fetched, c.cached, c.failed, c.ignored,
+            c.rest_frames, c.rest_requests, self.peak_in_flight, self.peak_bytes_in_flight,
         )
 
-    async def _slot(self) -> None:
-        """Wait until no on-demand read needs what the replay is not already
-        fetching (without ``reads``: no on-demand read at all), and for a
-        free request slot."""
+    async def _watch_reads(self) -> None:
+        assert self.reads is not None
         while True:
+            await self.reads.wait_changed()
+            self._kick()
+
+    def _kick(self) -> None:
+        self._wake.set()
+        self._wake = trio.Event()
+
+    async def _wait(self) -> None:
+        await self._wake.wait()
+
+    async def _slot(self) -> None:
+        """Wait until one more request may go out: room in the window the
+        link allows, which shrinks while an on-demand read waits for a frame
+        the replay is not fetching."""
+        while self.stopped is None:
             if self.reads is None:
-                await self.demand.wait_idle()
-            elif self._foreign_miss():
-                await self.reads.wait_changed()
-                continue
-            if self.in_flight < self.target_requests():
+                waiting = self.demand.active > 0
+                if waiting and self.policy.background_window(self.link, self.run_bytes(), demand_waiting=True) is None:  # type: ignore[arg-type]
+                    await self.demand.wait_idle()
+                    continue
+            else:
+                waiting = self._foreign_miss()
+            if self._may_start(waiting):
                 return
-            await self._lot.park()
+            await self._wait()
 
     def _foreign_miss(self) -> bool:
         """True if an on-demand read in progress waits for a frame that is
         neither known present nor in one of the replay's requests: that read
-        fetches it itself, and gets the link."""
+        fetches it itself, and gets the link. Such a frame also tells where
+        the workload is (:meth:`_note_miss`)."""
         assert self.reads is not None
+        foreign = False
         for layer, frames in self.reads.active():
             target = self.targets[layer] if 0 <= layer < len(self.targets) else None
             if frames is None or target is None:
-                return True
+                foreign = True
+                continue
             for f in frames:
                 if (layer, f) not in self._in_flight_frames and not target.store.known_present(f):
-                    return True
-        return False
+                    foreign = True
+                    self._note_miss(layer, f)
+                    break
+        return foreign
 
-    def _begin(self) -> None:
+    def _note_miss(self, layer: int, f: int) -> None:
+        """A reader missed frame ``f`` of ``layer``: jump the profile there if
+        it is further on, and (``rest``) put the frames after it first."""
+        if (layer, f) in self._noted:
+            return
+        self._noted.add((layer, f))
+        pos = self._pos.get((layer, f))
+        if pos is not None and pos > self._next:
+            self._next = pos
+            self.counts.resyncs += 1
+        if self.rest:
+            target = self.targets[layer]
+            assert target is not None
+            table = target.table
+            start = table.span(f)[0]
+            near = []
+            k = f + 1
+            while k < table.frame_count and table.span(k)[1] - start <= 2 * self.run_bytes():
+                near.append((layer, k))
+                k += 1
+            self._near.extendleft(reversed(near))
+
+    def _begin(self, size: int) -> None:
         if self.in_flight == 0:
             self._busy_since = trio.current_time()
         self.in_flight += 1
+        self.bytes_in_flight += size
         self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        self.peak_bytes_in_flight = max(self.peak_bytes_in_flight, self.bytes_in_flight)
 
-    def _end(self) -> None:
+    def _end(self, size: int) -> None:
         self.in_flight -= 1
+        self.bytes_in_flight -= size
         if self.in_flight == 0 and self._busy_since is not None:
             self._busy += trio.current_time() - self._busy_since
             self._busy_since = None
-        self._lot.unpark_all()
+        self._kick()
 
-    async def _fetch(self, i: int, frames: range) -> None:
+    async def _fetch(self, i: int, frames: range, size: int, in_profile: bool) -> None:
         target = self.targets[i]
         assert target is not None
         c = self.counts
@@ -617,23 +788,31 @@ class ProfileReplay:
         self._in_flight_frames |= mine
         try:
             with trio.fail_after(self.timeout):
-                await target.store.frames(frames)
+                if target.background:
+                    await target.store.frames(frames, priority="background")  # type: ignore[call-arg]
+                else:
+                    await target.store.frames(frames)
         except (LazyErofsError, trio.TooSlowError) as exc:
             c.failed += len(frames)
             self._failures_in_row += 1
-            log.warning("profile replay: frames %d-%d of layer %d not fetched: %s", frames[0], frames[-1], i, exc or "timed out")
+            log.warning("background fetch: frames %d-%d of layer %d not fetched: %s", frames[0], frames[-1], i, exc or "timed out")
             if self._failures_in_row >= REPLAY_MAX_FAILURES and self.stopped is None:
                 self.stopped = f"{self._failures_in_row} requests failed in a row"
-                log.warning("profile replay stopped: %s", self.stopped)
+                log.warning("background fetch stopped: %s", self.stopped)
         else:
             self._failures_in_row = 0
-            c.fetched += len(frames)
-            c.requests += 1
-            c.bytes += target.table.span(frames[-1])[1] - target.table.span(frames[0])[0]
-            c.fetched_frames[i].update(frames)
+            if in_profile:
+                c.fetched += len(frames)
+                c.requests += 1
+                c.bytes += size
+                c.fetched_frames[i].update(frames)
+            else:
+                c.rest_frames += len(frames)
+                c.rest_requests += 1
+                c.rest_bytes += size
         finally:
             self._in_flight_frames -= mine
-            self._end()
+            self._end(size)
 
     # -- reporting -------------------------------------------------------------
 
@@ -660,6 +839,11 @@ class ProfileReplay:
             "bytes": c.bytes,
             "in_flight": self.in_flight,
             "peak_in_flight": self.peak_in_flight,
+            "peak_bytes_in_flight": self.peak_bytes_in_flight,
+            "resyncs": c.resyncs,
+            "rest_frames": c.rest_frames,
+            "rest_requests": c.rest_requests,
+            "rest_bytes": c.rest_bytes,
             "done": self.done,
             "stopped": self.stopped,
             "seconds": None if self.started is None or end is None else round(end - self.started, 3),
@@ -674,7 +858,7 @@ def replay_targets(layers: Iterable[Any]) -> list[ReplayTarget | None]:
         table = getattr(layer, "table", None)
         store = getattr(layer, "store", None)
         if layer.frames_total and table is not None and store is not None:
-            out.append(ReplayTarget(layer.desc.digest, table, store))
+            out.append(ReplayTarget(layer.desc.digest, table, store, background=True))
         else:
             out.append(None)
     return out

@@ -216,7 +216,6 @@ async def _serve(cfg: MountConfig, notify: Notify, timeline: Timeline) -> None:
     import pyfuse3
     import trio
 
-    from lazyfs.fetch import prefetch_all
     from lazyfs.fetch.context import limit_allocator_slack
     from lazyfs.mount.fuse import LazyFS
     from lazyfs.mount.image import ProfileOptions, open_image, stats, write_touch_log
@@ -284,8 +283,9 @@ async def _serve(cfg: MountConfig, notify: Notify, timeline: Timeline) -> None:
                 timeline.mark("ready")
                 log.info("ready %.3fs after the command started: %s", timeline.marks["ready"], timeline.summary())
                 notify(None)
-                if cfg.read.prefetch:
-                    nursery.start_soon(prefetch_all, files)
+                # --prefetch: the background fetcher open_image started goes
+                # on to the rest of the image (after the profile) from now.
+                image.profile.mounted.set()
                 with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                     async for signum in signals:
                         log.info("signal %d: unmounting", signum)

@@ -93,6 +93,9 @@ class ProfileSession:
     error: str | None = None  # why no profile is replayed, if one was looked for
     replay: ProfileReplay | None = None
     reads: DemandReads | None = None  # on-demand reads in progress (the replay steps aside)
+    # Set by the daemon once the mount is ready: the rest of the image
+    # (--prefetch) waits for it, so it never competes with the mount's own reads.
+    mounted: trio.Event = field(default_factory=lambda: _event())
 
     def record(self) -> bytes:
         """The profile recorded so far, as JSON (``.lazyerofs/profile.json``)."""
@@ -109,6 +112,12 @@ class ProfileSession:
         if self.replay is not None and self.recorder is not None:
             out.update(self.replay.statistics(self.recorder.touched))
         return out
+
+
+def _event() -> trio.Event:
+    import trio
+
+    return trio.Event()
 
 
 def _now() -> str:
@@ -187,7 +196,7 @@ async def open_image(
     session = ProfileSession(image_digest=image_digest)
     layers_ready = trio.Event()
     opened_image: list[Image] = []
-    if profile.file is not None or (profile.lookup and client is not None):
+    if profile.file is not None or (profile.lookup and client is not None) or settings.prefetch:
         # Lives until the stack closes (cancelled first, then the client closes).
         background = await stack.enter_async_context(trio.open_nursery())
         stack.callback(background.cancel_scope.cancel)
@@ -244,20 +253,27 @@ async def _profile_task(
     settings: ReadSettings,
 ) -> None:
     """Find the startup profile (a file, or the registry), then replay it
-    once the layers are open. Never raises: a profile is only a hint."""
+    once the layers are open, followed by the rest of the image when
+    ``settings.prefetch`` (without a profile: the rest alone). Never
+    raises: a profile is only a hint."""
     import trio
 
     from lazyfs.fetch.profile import (
         MAX_PROFILE_BYTES,
         MEDIA_TYPE_PROFILE,
+        Profile,
         ProfileReplay,
         parse_profile,
         replay_targets,
     )
     from lazyfs.oci.referrers import find_artifact
 
+    parsed = Profile(())
+    source = None
     try:
-        if options.file is not None:
+        if options.file is None and not (options.lookup and client is not None):
+            pass  # no profile wanted: only the rest of the image
+        elif options.file is not None:
             source = f"file {options.file}"
             data = await trio.to_thread.run_sync(_read_capped, options.file, MAX_PROFILE_BYTES)
         else:
@@ -269,17 +285,20 @@ async def _profile_task(
             if artifact is None:
                 log.info("no startup profile in the registry for %s", session.image_digest)
                 session.error = "none found in the registry"
-                return
-            source = f"registry ({artifact.via}) {artifact.digest}"
-            data = artifact.data
-        parsed = await trio.to_thread.run_sync(lambda: parse_profile(data, name=f"startup profile from {source}"))
+            else:
+                source = f"registry ({artifact.via}) {artifact.digest}"
+                data = artifact.data
+        if source is not None:
+            parsed = await trio.to_thread.run_sync(lambda: parse_profile(data, name=f"startup profile from {source}"))
     except trio.TooSlowError:
         session.error = f"registry lookup took over {PROFILE_LOOKUP_TIMEOUT:g}s"
         log.warning("startup profile not used: %s", session.error)
-        return
+        source, parsed = None, Profile(())
     except Exception as exc:  # any failure: mount on without the hint
         session.error = str(exc) or repr(exc)
         log.warning("startup profile not used: %s", session.error)
+        source, parsed = None, Profile(())
+    if source is None and not settings.prefetch:
         return
     await layers_ready.wait()
     image = opened_image[0]
@@ -287,13 +306,13 @@ async def _profile_task(
     raw = [getattr(file, "wrapped", file) for file in image.files]
     replay = ProfileReplay(
         parsed, replay_targets(raw), image.context.demand, image.context.link, timeout=settings.read_timeout,
-        reads=session.reads,
+        reads=session.reads, rest=settings.prefetch, policy=settings.policy(), rest_after=session.mounted,
     )
     session.source = source
     session.replay = replay
     log.info(
-        "startup profile from %s: replaying %d frames (%d ignored: unknown layers or past a layer's end)",
-        source, replay.counts.planned, replay.counts.ignored,
+        "startup profile from %s: replaying %d frames (%d ignored: unknown layers or past a layer's end)%s",
+        source, replay.counts.planned, replay.counts.ignored, ", then the rest of the image" if settings.prefetch else "",
     )
     try:
         await replay.run()
@@ -336,6 +355,13 @@ def stats(
     out["layers"] = per_layer
     if context is not None:
         out["chunk_tables"] = {"fetched": context.tables_fetched, "cached": context.tables_cached}
+        link = context.link
+        out["link"] = {
+            "rtt_s": None if link.rtt is None else round(link.rtt, 4),
+            "bandwidth_bps": None if link.bandwidth is None else int(link.bandwidth * 8),
+            "bdp_bytes": link.bdp(),
+            "filling": link.filling,
+        }
     if profile is not None:
         out["profile"] = profile.statistics()
     with contextlib.suppress(Exception):

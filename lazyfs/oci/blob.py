@@ -15,6 +15,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
+import trio
 
 from lazyfs.errors import FetchError, IntegrityError
 from lazyfs.oci.transport import (
@@ -49,6 +50,13 @@ async def _raw_pieces(resp: httpx.Response) -> AsyncIterator[bytes]:
 
 
 _CONTENT_RANGE_RE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+
+# A body that delivers fewer than LOW_SPEED_BYTES per LOW_SPEED_SECONDS is
+# given up and retried (as curl's --speed-limit/--speed-time): the read
+# timeout alone never fires while a server trickles a byte at a time, and
+# such a request would hold its frames for hours.
+LOW_SPEED_BYTES = 16 << 10
+LOW_SPEED_SECONDS = 5.0
 
 
 class RemoteBlob:
@@ -210,9 +218,19 @@ class RemoteBlob:
         self, resp: httpx.Response, skip: int, length: int, what: str, *, exact: bool
     ) -> bytes:
         buf = bytearray()
+        mark_time, mark_bytes, received = trio.current_time(), 0, 0
         async for raw_piece in _raw_pieces(resp):
             piece = memoryview(raw_piece)
             self._client.count(self._counters, bytes_fetched=len(piece))
+            received += len(piece)
+            now = trio.current_time()
+            if now - mark_time >= LOW_SPEED_SECONDS:
+                if received - mark_bytes < LOW_SPEED_BYTES:
+                    raise Transient(
+                        f"{what}: transfer too slow ({received - mark_bytes} bytes in "
+                        f"{now - mark_time:.1f}s, under {LOW_SPEED_BYTES} per {LOW_SPEED_SECONDS:g}s)"
+                    )
+                mark_time, mark_bytes = now, received
             if skip:
                 if len(piece) <= skip:
                     skip -= len(piece)

@@ -244,3 +244,41 @@ async def test_a_403_is_an_auth_error_and_not_retried():
         with pytest.raises(AuthError, match="DENIED"):
             await client.blob(REF, DESC).read(0, 1)
     assert len(calls) == 1
+
+
+async def test_a_trickling_body_is_given_up_by_the_low_speed_limit_and_retried(
+    fault_proxy: NetProxy, pushed: dict, monkeypatch: pytest.MonkeyPatch
+):
+    import trio
+
+    from lazyfs.oci import blob as blob_module
+
+    monkeypatch.setattr(blob_module, "LOW_SPEED_SECONDS", 1.5)
+    fault_proxy.add_fault("trickle", count=1, path=BLOBS, method="GET")  # 1 byte/s, the read timeout never fires
+    ref = parse_reference(via(fault_proxy))
+    async with RegistryClient() as client:
+        blob = client.blob(ref, pushed)
+        with trio.fail_after(15):
+            assert await blob.read(1000, 300_000) == DATA[1000:301_000]
+        assert blob.statistics().retries == 1
+
+
+async def test_a_trickling_download_is_given_up_and_resumed(
+    fault_proxy: NetProxy, pushed: dict, monkeypatch: pytest.MonkeyPatch
+):
+    import trio
+
+    from lazyfs.oci import blob as blob_module
+
+    monkeypatch.setattr(blob_module, "LOW_SPEED_SECONDS", 1.5)
+    fault_proxy.add_fault("trickle", count=1, path=BLOBS, method="GET")
+    ref = parse_reference(via(fault_proxy))
+    got = bytearray()
+
+    async def sink(piece: bytes) -> None:
+        got.extend(piece)
+
+    async with RegistryClient() as client:
+        with trio.fail_after(15):
+            await client.blob(ref, pushed).stream(sink)
+    assert bytes(got) == DATA

@@ -59,6 +59,28 @@ LOW_SPEED_BYTES = 16 << 10
 LOW_SPEED_SECONDS = 5.0
 
 
+class _LowSpeed:
+    """Raises Transient once a body falls under the low-speed limit."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.mark_time = trio.current_time()
+        self.mark_bytes = self.received = 0
+
+    def add(self, n: int) -> None:
+        self.received += n
+        now = trio.current_time()
+        if now - self.mark_time < LOW_SPEED_SECONDS:
+            return
+        got = self.received - self.mark_bytes
+        if got < LOW_SPEED_BYTES:
+            raise Transient(
+                f"{self.what}: transfer too slow ({got} bytes in {now - self.mark_time:.1f}s, "
+                f"under {LOW_SPEED_BYTES} per {LOW_SPEED_SECONDS:g}s)"
+            )
+        self.mark_time, self.mark_bytes = now, self.received
+
+
 class RemoteBlob:
     """Exact byte ranges of one remote blob over HTTP range requests.
 
@@ -218,19 +240,11 @@ class RemoteBlob:
         self, resp: httpx.Response, skip: int, length: int, what: str, *, exact: bool
     ) -> bytes:
         buf = bytearray()
-        mark_time, mark_bytes, received = trio.current_time(), 0, 0
+        speed = _LowSpeed(what)
         async for raw_piece in _raw_pieces(resp):
             piece = memoryview(raw_piece)
             self._client.count(self._counters, bytes_fetched=len(piece))
-            received += len(piece)
-            now = trio.current_time()
-            if now - mark_time >= LOW_SPEED_SECONDS:
-                if received - mark_bytes < LOW_SPEED_BYTES:
-                    raise Transient(
-                        f"{what}: transfer too slow ({received - mark_bytes} bytes in "
-                        f"{now - mark_time:.1f}s, under {LOW_SPEED_BYTES} per {LOW_SPEED_SECONDS:g}s)"
-                    )
-                mark_time, mark_bytes = now, received
+            speed.add(len(piece))
             if skip:
                 if len(piece) <= skip:
                     skip -= len(piece)
@@ -297,9 +311,11 @@ class RemoteBlob:
                 else:
                     await raise_for_status(resp, self.name)
                     raise FetchError(f"{self.name}: unexpected HTTP {resp.status_code}")
+                speed = _LowSpeed(self.name)
                 async for raw_piece in _raw_pieces(resp):
                     piece = memoryview(raw_piece)
                     self._client.count(self._counters, bytes_fetched=len(piece))
+                    speed.add(len(piece))
                     if skip:
                         cut = min(skip, len(piece))
                         piece, skip = piece[cut:], skip - cut

@@ -3,7 +3,7 @@
 1. start a local OCI registry (Debian's docker-registry) on a free port;
 2. build an example two-layer image (Python's standard library as the base
    layer, examples/app as the top layer) and push it as seekable EROFS;
-3. mount it lazily with ``lazyerofs mount --rootfs``: FUSE serves the layer
+3. mount it lazily with ``lazyerofs mount --rootfs --no-prefetch``: FUSE serves the layer
    files, the kernel EROFS driver mounts them, overlayfs stacks them;
 4. print a file from the rootfs and the stats: how few bytes were fetched;
 5. unmount and stop the registry.
@@ -68,7 +68,9 @@ def main() -> int:
             run("push", "--chunk-size", "1MiB", str(work / "base"), str(work / "top"), ref)
 
             started = time.monotonic()
-            run("mount", ref, str(mnt), "--rootfs", str(rootfs), "--cache-dir", str(work / "cache"))
+            # --no-prefetch: only what is read crosses the network, to show it. By
+            # default the rest of the image follows in the background.
+            run("mount", ref, str(mnt), "--rootfs", str(rootfs), "--cache-dir", str(work / "cache"), "--no-prefetch")
             mounted = True
             print(f"mounted in {time.monotonic() - started:.2f}s; rootfs at {rootfs}")
             print(f"\n$ cat {rootfs}/app/hello.txt")

@@ -103,8 +103,9 @@ def _markdown(r: dict[str, Any]) -> str:
         "## Faults injected per kind (soak)",
         "",
         "Each blob request (`/blobs/sha256:`) met the rules in this order; the first that fired won. "
-        "`fired` is the proxy rule's own count. The trickle is measured apart (below): one trickled "
-        "fetch makes its frame unreadable for good, which would turn the rest of a soak into EIO.",
+        "`fired` is the proxy rule's own count. The trickle is measured apart (below): a trickled "
+        "request holds its frames until the client's low-speed limit gives it up (5 s), which would "
+        "stretch a soak's reads past their deadline while it lasts.",
         "",
         "| kind | probability | fired |",
         "|---|---:|---:|",

@@ -58,6 +58,7 @@ from lazyfs.mount import kernel as kmount
 from lazyfs.units import format_size, parse_size
 from tests.support.localregistry import LocalRegistry
 from tests.support.netproxy import NetProxy
+from tests.support.system import drop_caches
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
@@ -151,11 +152,6 @@ def proxy_counters(proxy: NetProxy) -> tuple[int, int]:
     return st.requests, st.bytes_sent
 
 
-def drop_caches() -> None:
-    """Cold page cache: what a freshly booted node sees."""
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def run_workload(cmd: str, root: Path) -> float:

@@ -38,6 +38,7 @@ from benchmarks import _image
 from tests.support.containerd import Containerd, Snapshotter, push_tar_image
 from tests.support.localregistry import LocalRegistry
 from tests.support.netproxy import NetProxy
+from tests.support.system import drop_caches
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work"
@@ -73,10 +74,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 # -- the two images

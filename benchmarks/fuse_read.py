@@ -52,6 +52,7 @@ from lazyfs.mount import kernel as kmount
 from lazyfs.mount.state import load_state
 from lazyfs.produce.mkfs import make_erofs
 from tests.support.localregistry import LocalRegistry
+from tests.support.system import drop_caches
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAZYEROFS = str(Path(sys.executable).parent / "lazyerofs")
@@ -64,9 +65,6 @@ READAHEAD_KB = 4096
 # -- helpers ---------------------------------------------------------------------------------
 
 
-def drop_caches() -> None:
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def lazy(*args: str) -> str:

@@ -56,6 +56,7 @@ from lazyfs.produce.mkfs import make_erofs
 from lazyfs.units import format_size, parse_size
 from tests.support.localregistry import LocalRegistry
 from tests.support.netproxy import NetProxy
+from tests.support.system import drop_caches
 
 HERE = Path(__file__).resolve().parent
 WORK = HERE / ".work" / "mount_time"
@@ -135,10 +136,6 @@ def lazyerofs(env: dict[str, str], *args: str, timeout: float = 120) -> subproce
     )
 
 
-def drop_caches() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def one_mount(env: dict[str, str], ref: str, work: Path, cache: Path, *, rootfs: bool, drop: bool) -> dict[str, Any]:

@@ -21,18 +21,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from lazyfs.containerd import labels
 from lazyfs.containerd.client import Containerd
-from lazyfs.errors import FormatError, IntegrityError, LazyErofsError
+from lazyfs.errors import FormatError, LazyErofsError
+from lazyfs.format.digest import verify_bytes
 from lazyfs.format.seekable import MEDIA_TYPE_PLAIN, MEDIA_TYPE_SEEKABLE
 from lazyfs.oci import RegistryClient, RegistryOptions, parse_reference
 
 __all__ = ["PullResult", "chain_ids", "pull"]
 
-LABEL_TARGET = "containerd.io/snapshot.ref"
-CRI_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-CRI_MANIFEST = "containerd.io/snapshot/cri.manifest-digest"
-CRI_LAYER = "containerd.io/snapshot/cri.layer-digest"
-CRI_LAYERS = "containerd.io/snapshot/cri.image-layers"
 # containerd's CRI caps the image-layers label near 4 KiB.
 _LAYERS_LABEL_MAX = 4000
 
@@ -63,12 +60,6 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
     return out
 
 
-def _check_digest(data: bytes, digest: str, what: str) -> None:
-    algo, _, want = digest.partition(":")
-    if algo not in ("sha256", "sha512") or hashlib.new(algo, data).hexdigest() != want:
-        raise IntegrityError(f"{what} does not match its digest {digest}")
-
-
 async def _fetch(ref_text: str, options: RegistryOptions) -> tuple[Any, bytes]:
     ref = parse_reference(ref_text)
     async with RegistryClient(options) as client:
@@ -77,7 +68,7 @@ async def _fetch(ref_text: str, options: RegistryOptions) -> tuple[Any, bytes]:
         if not isinstance(desc, dict):
             raise FormatError(f"{ref}: the manifest has no config")
         config = await client.blob(ref, desc).read(0, desc["size"])
-    _check_digest(config, desc["digest"], f"{ref}: config")
+    verify_bytes(config, desc["digest"], f"{ref}: config")
     return resolved, config
 
 
@@ -131,7 +122,7 @@ def pull(
         "digest": resolved.digest,
         "size": len(resolved.manifest_bytes),
     }
-    _check_digest(resolved.manifest_bytes, resolved.digest, f"{ref}: manifest")
+    verify_bytes(resolved.manifest_bytes, resolved.digest, f"{ref}: manifest")
 
     lazily = present = 0
     with Containerd(address, namespace) as ctd:
@@ -155,15 +146,15 @@ def pull(
                     progress(f"layer {i + 1}/{len(chains)} {digest[:19]}: already there")
                 else:
                     key = f"lazyerofs-pull-{secrets.token_hex(6)} {chain}"
-                    labels = {
-                        LABEL_TARGET: chain,
-                        CRI_IMAGE_REF: str(ref),
-                        CRI_MANIFEST: resolved.digest,
-                        CRI_LAYER: digest,
-                        CRI_LAYERS: _layers_label(digests[i:]),
+                    snapshot_labels = {
+                        labels.TARGET: chain,
+                        labels.IMAGE_REF: str(ref),
+                        labels.MANIFEST_DIGEST: resolved.digest,
+                        labels.LAYER_DIGEST: digest,
+                        labels.IMAGE_LAYERS: _layers_label(digests[i:]),
                     }
                     t0 = time.monotonic()
-                    if not ctd.prepare(snapshotter, key, parent, labels):
+                    if not ctd.prepare(snapshotter, key, parent, snapshot_labels):
                         ctd.remove_snapshot(snapshotter, key)
                         raise PullError(
                             f"snapshotter {snapshotter!r} did not mount layer {i} ({digest}) lazily; "

@@ -20,6 +20,7 @@ from typing import Any
 
 _WHERE = {
     "check_digest": "digest",
+    "verify_bytes": "digest",
     "EncodeResult": "encode",
     "encode_image": "encode",
     "skippable_frame": "encode",

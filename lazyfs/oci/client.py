@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from lazyfs.errors import FormatError, IntegrityError
-from lazyfs.format.digest import check_digest
+from lazyfs.format.digest import check_digest, verify_bytes
 from lazyfs.oci import push
 from lazyfs.oci.auth import AuthSession, BodyFactory, RegistryAuth
 from lazyfs.oci.blob import RemoteBlob
@@ -372,11 +372,7 @@ class RegistryClient:
     async def _fetch_config(self, ref: Reference, desc: dict[str, Any]) -> dict[str, Any] | None:
         blob = self.blob(ref, desc)
         data = await blob.read(0, desc["size"]) if desc["size"] else b""
-        got = _hash(desc["digest"].split(":", 1)[0], data)
-        if got != desc["digest"]:
-            raise IntegrityError(
-                f"{ref}: config digest mismatch: expected {desc['digest']}, got {got}"
-            )
+        verify_bytes(data, desc["digest"], f"{ref}: config")
         try:
             config = json.loads(data)
         except (ValueError, RecursionError):

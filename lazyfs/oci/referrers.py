@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 from lazyfs.errors import FormatError, IntegrityError, NotFoundError, RegistryError
-from lazyfs.format.digest import check_digest
+from lazyfs.format.digest import check_digest, verify_bytes
 from lazyfs.oci.client import RegistryClient
 from lazyfs.oci.media import INDEX_TYPES, MEDIA_OCI_INDEX, MEDIA_OCI_MANIFEST, check_descriptor
 from lazyfs.oci.reference import Reference
@@ -266,9 +266,7 @@ async def _artifact_blob(
             data = None
     if data is None:
         data = await client.blob(ref, layer).read(0, layer["size"]) if layer["size"] else b""
-        got = f"{algo}:{hashlib.new(algo, data).hexdigest()}"
-        if got != layer["digest"]:
-            raise IntegrityError(f"{what}: blob digest mismatch: expected {layer['digest']}, got {got}")
+        verify_bytes(data, layer["digest"], f"{what}: blob")
     return data
 
 

@@ -34,8 +34,9 @@ from typing import Any
 
 import trio
 
-from lazyfs.errors import FormatError, IntegrityError, LazyErofsError
+from lazyfs.errors import FormatError, LazyErofsError
 from lazyfs.format import DEFAULT_CHUNK_SIZE, encode_image
+from lazyfs.format.digest import verify_bytes
 from lazyfs.oci import (
     INDEX_TYPES,
     MEDIA_OCI_CONFIG,
@@ -359,10 +360,7 @@ async def _source_config(client: RegistryClient, src: Reference, desc: Any) -> d
     if desc["size"] > MAX_CONFIG_SIZE:
         raise FormatError(f"{src}: config of {desc['size']} bytes is over {MAX_CONFIG_SIZE}")
     data = await client.blob(src, desc).read(0, desc["size"]) if desc["size"] else b""
-    algo = desc["digest"].split(":", 1)[0]
-    got = f"{algo}:{hashlib.new(algo, data).hexdigest()}"
-    if got != desc["digest"]:
-        raise IntegrityError(f"{src}: config hashes to {got}, not {desc['digest']}")
+    verify_bytes(data, desc["digest"], f"{src}: config")
     try:
         config = json.loads(data)
     except (ValueError, RecursionError) as exc:  # RecursionError: nested past the stack

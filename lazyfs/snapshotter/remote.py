@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from lazyfs.containerd import labels
 from lazyfs.errors import LazyErofsError
 from lazyfs.mount import FUSE_TYPE, is_our_daemon, kernel, load_state, unmount
 from lazyfs.mount.health import probe_stats
@@ -39,14 +40,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# The label containerd sets when a snapshot may be made remotely: the chain ID
-# the committed snapshot must carry.
-LABEL_TARGET = "containerd.io/snapshot.ref"
-# Which image and layer, as CRI (with disable_snapshot_annotations = false),
-# nerdctl and `lazyerofs pull` label them.
-LABEL_IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
-LABEL_MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
-LABEL_LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+LABEL_TARGET = labels.TARGET
+LABEL_IMAGE_REF = labels.IMAGE_REF
+LABEL_MANIFEST_DIGEST = labels.MANIFEST_DIGEST
+LABEL_LAYER_DIGEST = labels.LAYER_DIGEST
 
 # Seconds an image mount may take (resolving, chunk tables, first frames).
 MOUNT_TIMEOUT = 120.0

@@ -52,6 +52,7 @@ from lazyfs.mount.state import load_state, state_dir
 from .localregistry import LocalRegistry
 from .mount import force_cleanup
 from .netproxy import NetProxy
+from .system import drop_caches
 
 __all__ = [
     "Mount",
@@ -104,11 +105,6 @@ def lazyerofs(*args: str, check: bool = True, timeout: float = 120) -> subproces
     return proc
 
 
-def drop_caches() -> None:
-    """Forget the page cache, dentries and inodes (EROFS and FUSE pages
-    included), so the next reads go to the daemon again."""
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def rss_of(pid: int) -> int | None:

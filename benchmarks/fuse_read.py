@@ -67,6 +67,19 @@ READAHEAD_KB = 4096
 
 
 
+def _run_together(worker: Callable[[int], None], n: int, barrier: threading.Barrier) -> float:
+    """Start ``n`` threads of ``worker`` (each waits on ``barrier``, which this
+    thread joins too), return the seconds from their common start to the last end."""
+    pool = [threading.Thread(target=worker, args=(k,)) for k in range(n)]
+    for t in pool:
+        t.start()
+    barrier.wait()
+    started = time.perf_counter()
+    for t in pool:
+        t.join()
+    return time.perf_counter() - started
+
+
 def lazy(*args: str) -> str:
     proc = subprocess.run([LAZYEROFS, *args], capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=1800)
     if proc.returncode != 0:
@@ -105,14 +118,7 @@ def read_random(path: Path, size: int, threads: int, reads_per_thread: int, seed
         except BaseException as exc:
             errors.append(exc)
 
-    pool = [threading.Thread(target=worker, args=(k,)) for k in range(threads)]
-    for t in pool:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in pool:
-        t.join()
-    elapsed = time.perf_counter() - started
+    elapsed = _run_together(worker, threads, barrier)
     os.close(fd)
     if errors:
         raise errors[0]
@@ -345,14 +351,7 @@ def many_readers(m: Mount, raw: Path, span: int, readers: int, reads_each: int) 
             latencies.extend(mine)
             wrong.extend(bad)
 
-    pool = [threading.Thread(target=worker, args=(k,)) for k in range(readers)]
-    for t in pool:
-        t.start()
-    barrier.wait()
-    started = time.perf_counter()
-    for t in pool:
-        t.join()
-    elapsed = time.perf_counter() - started
+    elapsed = _run_together(worker, readers, barrier)
     os.close(raw_fd)
     latencies.sort()
     layer = m.stats()["layers"][0]

@@ -14,8 +14,11 @@ kernel EROFS driver and overlayfs.
   in this process and in child processes) reading random ranges and whole
   files of the rootfs and comparing every byte with the source tree.
 * :func:`run_soak`, :func:`run_crashes`, :func:`run_cache_deleted`,
-  :func:`run_cache_filled`, :func:`run_registry_restart`: the scenarios; each
-  returns a JSON-able dict of what it counted.
+  :func:`run_cache_filled`, :func:`run_registry_restart`,
+  :func:`run_clock_jump`: the scenarios; each returns a JSON-able dict of
+  what it counted.
+* :class:`FakeClock`: the clock one daemon sees, moved under libfaketime
+  while it serves (the machine's clock is never touched).
 
 A read is one ``(file, offset, length)`` request served by a loop of
 ``os.pread`` calls (a syscall may legally return fewer bytes; the loop goes
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import multiprocessing
 import os
@@ -55,6 +59,7 @@ from .netproxy import NetProxy
 from .system import drop_caches
 
 __all__ = [
+    "FakeClock",
     "Mount",
     "ReadTally",
     "SoakImage",
@@ -62,11 +67,13 @@ __all__ = [
     "build_image",
     "deadline_of",
     "drop_caches",
+    "faketime_library",
     "leftovers",
     "read_everything",
     "reader_loop",
     "run_cache_deleted",
     "run_cache_filled",
+    "run_clock_jump",
     "run_crashes",
     "run_registry_restart",
     "run_soak",
@@ -96,10 +103,15 @@ def log(msg: str) -> None:
     print(f"[reliability] {msg}", file=sys.stderr, flush=True)
 
 
-def lazyerofs(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def lazyerofs(
+    *args: str, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """Run the CLI; ``env`` replaces the environment (a mount under libfaketime),
+    ``stdin`` is sent to it (a --password-stdin)."""
     proc = subprocess.run(
-        [LAZYEROFS, *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-    )
+        [LAZYEROFS, *args], capture_output=True, text=True, timeout=timeout, env=env,
+        **({"input": stdin} if stdin is not None else {"stdin": subprocess.DEVNULL}),
+    )  # fmt: skip
     if check and proc.returncode != 0:
         raise RuntimeError(f"lazyerofs {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}")
     return proc
@@ -166,9 +178,10 @@ class SoakImage:
 
 def build_image(
     registry: LocalRegistry, work: Path, name: str, *, layers: int = 2, files: int = 120,
-    max_size: int = 2 << 20, chunk: str = CHUNK,
+    max_size: int = 2 << 20, chunk: str = CHUNK, credentials: tuple[str, str] | None = None,
 ) -> SoakImage:  # fmt: skip
-    """Random trees made into seekable EROFS layers with ``chunk`` frames and pushed."""
+    """Random trees made into seekable EROFS layers with ``chunk`` frames and
+    pushed (as ``credentials`` (user, password) when given)."""
     work.mkdir(parents=True, exist_ok=True)
     merged = work / f"{name}-merged"
     trees = []
@@ -178,7 +191,9 @@ def build_image(
         make_random_tree(merged, i, files=files, max_size=max_size)
         trees.append(str(tree))
     repo = f"test/{name}:v1"
-    lazyerofs("push", "--chunk-size", chunk, *trees, f"{registry.host}/{repo}", timeout=600)
+    login = ("--username", credentials[0], "--password-stdin") if credentials else ()
+    lazyerofs("push", "--chunk-size", chunk, *login, *trees, f"{registry.host}/{repo}", timeout=600,
+              stdin=f"{credentials[1]}\n" if credentials else None)  # fmt: skip
     listing = []
     for dirpath, _dirs, names in os.walk(merged):
         for n in names:
@@ -197,8 +212,9 @@ class Mount:
     with ``lazyerofs umount`` and then detaches anything left, always."""
 
     def __init__(
-        self, ref: str, work: Path, name: str, *, cache_dir: Path, args: tuple[str, ...] = (), rootfs: bool = True
-    ) -> None:
+        self, ref: str, work: Path, name: str, *, cache_dir: Path, args: tuple[str, ...] = (), rootfs: bool = True,
+        env: dict[str, str] | None = None,
+    ) -> None:  # fmt: skip
         self.ref = ref
         self.dir = work / f"{name}-mnt"
         self.rootfs = work / f"{name}-rootfs"
@@ -206,6 +222,7 @@ class Mount:
         self.cache_dir = cache_dir
         self.log = work / f"{name}.log"  # named, so the daemon keeps it after umount
         self.args = (*args, "--log-file", str(self.log))
+        self.env = env  # of `lazyerofs mount` only: its forked daemon inherits it
         self.mounted = False
 
     def open(self) -> Mount:
@@ -214,7 +231,8 @@ class Mount:
         self.mounted = True
         try:
             rootfs = ("--rootfs", str(self.rootfs)) if self.with_rootfs else ()
-            lazyerofs("mount", self.ref, str(self.dir), *rootfs, "--cache-dir", str(self.cache_dir), *self.args)
+            lazyerofs("mount", self.ref, str(self.dir), *rootfs, "--cache-dir", str(self.cache_dir), *self.args,
+                      env=self.env)  # fmt: skip
         except BaseException:
             self.close()
             raise
@@ -940,3 +958,219 @@ def run_trickle(registry: LocalRegistry, image: SoakImage, work: Path, *, read_t
             "recovered": first_ok is not None and all(ok[first_ok:]),
             "recovered_after_s": healed[first_ok]["since_healed"] if first_ok is not None else None,
             "umount_rc": proc.returncode if proc else None, "leftovers": leftovers(m)}  # fmt: skip
+
+
+# --------------------------------------------------------------------------
+# Part 3: the clock jumping (under libfaketime, the machine's clock untouched)
+
+# Where Debian's package ``faketime`` (libfaketime 0.9.10) puts the library;
+# the MT build because the daemon has threads (hashing, zstd, disk I/O).
+FAKETIME_GLOBS = (
+    "/usr/lib/*/faketime/libfaketimeMT.so.1",
+    "/usr/lib/faketime/libfaketimeMT.so.1",
+    "/usr/local/lib/faketime/libfaketimeMT.so.1",
+)
+DAY = 86400.0
+# The default plan: a mount whose wall clock alone jumps (true monotonic
+# clock), and a mount whose wall and monotonic clocks jump forward together.
+CLOCK_PLAN: dict[str, list[float]] = {"wall": [0.0, DAY, -DAY, 0.0], "both": [DAY, 2 * DAY]}
+
+
+def faketime_library() -> str | None:
+    """libfaketime's thread-safe build, if installed (Debian: ``faketime``)."""
+    for pattern in FAKETIME_GLOBS:
+        for path in sorted(glob.glob(pattern)):
+            return path
+    return None
+
+
+class FakeClock:
+    """The clock one daemon sees, moved while it runs; the machine's clock is
+    never touched (other jobs share it).
+
+    libfaketime is preloaded (``LD_PRELOAD``) into ``lazyerofs mount``, so its
+    forked daemon has it too. The offset from the true time lives in a file
+    the library rereads at every clock reading (``FAKETIME_TIMESTAMP_FILE``
+    with ``FAKETIME_NO_CACHE=1``). With ``monotonic=False`` CLOCK_MONOTONIC
+    is left alone (``FAKETIME_DONT_FAKE_MONOTONIC``): only the wall clock
+    jumps, as under an NTP step or ``date -s``. With ``monotonic=True``
+    libfaketime 0.9.10 reports CLOCK_MONOTONIC as the faked wall time, so
+    both jump together; only forward moves of that are real-world (a VM
+    resumed after a long pause): the kernel's monotonic clock never goes back.
+    """
+
+    def __init__(self, path: Path, library: str, *, monotonic: bool) -> None:
+        self.path, self.library, self.monotonic = path, library, monotonic
+        self.offset = 0.0
+        self.set(0.0)
+
+    def set(self, offset: float) -> None:
+        # Written aside and renamed: the daemon reads the file at every clock
+        # reading and must never see it empty or half written.
+        tmp = self.path.with_name(self.path.name + ".new")
+        tmp.write_text(f"{offset:+.0f}\n")
+        os.replace(tmp, self.path)
+        self.offset = offset
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["LD_PRELOAD"] = " ".join(x for x in (self.library, env.get("LD_PRELOAD", "")) if x)
+        env["FAKETIME_TIMESTAMP_FILE"] = str(self.path)
+        env["FAKETIME_NO_CACHE"] = "1"
+        env.pop("FAKETIME", None)  # it would win over the file
+        if not self.monotonic:
+            env["FAKETIME_DONT_FAKE_MONOTONIC"] = "1"
+            # Python's GIL waits (pthread_cond_timedwait) on a CLOCK_MONOTONIC
+            # condition. libfaketime 0.9.10 measures that deadline against its
+            # faked clock even when it leaves CLOCK_MONOTONIC alone, so every
+            # wait ends at once and the daemon's threads thrash for the GIL
+            # (reads 20-40x slower, some past --read-timeout with no jump at
+            # all). A fixed wait of 5 ms, Python's own switch interval, instead.
+            env["FAKETIME_WAIT_MS"] = "5"
+        return env
+
+
+def _faketime_shm() -> set[str]:
+    return set(glob.glob("/dev/shm/faketime_shm_*") + glob.glob("/dev/shm/sem.faketime_sem_*"))
+
+
+def remove_faketime_leftovers(before: set[str]) -> list[str]:
+    """libfaketime makes a semaphore and a shared memory object named after
+    the pid of each process that starts with it and removes them at exit,
+    which ``lazyerofs mount`` (``os._exit`` once its daemon is ready) never
+    reaches. Remove those made since ``before`` whose process is gone."""
+    removed = []
+    for path in sorted(_faketime_shm() - before):
+        pid = path.rsplit("_", 1)[-1]
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+                removed.append(path)
+    return removed
+
+
+def seen_offset(cache: Path) -> float | None:
+    """The wall-clock offset of the daemon at its last cache write or touch:
+    it stamps entries with its own clock (mtime), the kernel stamps the change
+    with the true one (ctime). None when it has written nothing."""
+    newest: os.stat_result | None = None
+    for p in (cache / "chunks").rglob("*"):
+        with contextlib.suppress(OSError):
+            st = p.stat()
+            if p.is_file() and (newest is None or st.st_ctime_ns > newest.st_ctime_ns):
+                newest = st
+    return None if newest is None else round((newest.st_mtime_ns - newest.st_ctime_ns) / 1e9)
+
+
+def stat_snapshot(m: Mount, image: SoakImage) -> dict[str, Any]:
+    """What ``stat`` says of every rootfs file and every FUSE file of the mount."""
+    out: dict[str, Any] = {}
+    paths = [m.rootfs / rel for rel, _ in image.files]
+    paths += sorted(p for p in m.dir.glob("layers/*/*") if p.name != "stats.json")
+    paths.append(m.dir / "manifest.json")
+    for p in paths:
+        try:
+            st = os.stat(p)
+            out[str(p)] = [st.st_mode, st.st_size, st.st_uid, st.st_gid, st.st_nlink, st.st_ino,
+                           st.st_mtime_ns, st.st_ctime_ns, st.st_atime_ns]  # fmt: skip
+        except OSError as exc:
+            out[str(p)] = f"error {errno.errorcode.get(exc.errno or 0, exc.errno)}"
+    return out
+
+
+_STAT_FIELDS = ("mode", "size", "uid", "gid", "nlink", "ino", "mtime_ns", "ctime_ns", "atime_ns")
+
+
+def _stat_change(path: str, before: Any, after: Any) -> str:
+    if isinstance(before, list) and isinstance(after, list):
+        diff = [f"{n} {a} -> {b}" for n, a, b in zip(_STAT_FIELDS, before, after, strict=True) if a != b]
+        return f"{path}: {', '.join(diff)}"
+    return f"{path}: {before} -> {after}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ")[-1][:1] not in ("Z", "X")
+    return False
+
+
+def run_clock_jump(
+    registry_host: str, image: SoakImage, work: Path, *, library: str,
+    plan: dict[str, list[float]] | None = None, seconds: float = 10.0, lead: float = 1.5,
+    read_timeout: float = 3.0, cache_size: str = "4MiB", tokens_issued: Callable[[], int] | None = None,
+    seed: int = 47,
+) -> dict[str, Any]:  # fmt: skip
+    """Each mount of ``plan`` ("wall": only the wall clock moves; "both":
+    wall and monotonic together) runs under libfaketime; for each offset of
+    its list, readers run, ``lead`` seconds later the daemon's clock jumps to
+    that offset from the true time, and ``seconds`` later the readers stop.
+    After each jump: is the daemon alive, does every file read whole and
+    exact, is every ``stat`` as before the first jump, how many registry
+    tokens were handed out so far (``tokens_issued``), and what offset the
+    daemon's own clock showed (:func:`seen_offset`)."""
+    plan = CLOCK_PLAN if plan is None else plan
+    deadline = deadline_of(read_timeout)
+    out: dict[str, Any] = {"read_timeout_s": read_timeout, "deadline_s": deadline, "library": library,
+                           "phase_seconds": seconds, "lead_seconds": lead, "mounts": {}}  # fmt: skip
+    for kind, offsets in plan.items():
+        clock = FakeClock(work / f"clock-{kind}.rc", library, monotonic=kind == "both")
+        cache = work / f"clock-{kind}-cache"
+        m = Mount(f"{registry_host}/{image.repo}", work, f"clock-{kind}", cache_dir=cache, env=clock.env(),
+                  args=("--read-timeout", f"{read_timeout:g}", "--timeout", f"{max(1.0, read_timeout / 2):g}",
+                        "--cache-size", cache_size, "--memory-cache", "1MiB", "--no-prefetch"))  # fmt: skip
+        res: dict[str, Any] = {
+            "clock": "wall clock (CLOCK_REALTIME) only; CLOCK_MONOTONIC true" if kind == "wall"
+            else "wall clock and CLOCK_MONOTONIC together",
+            "jumps": [],
+        }  # fmt: skip
+        shm_before = _faketime_shm()
+        try:
+            m.open()
+            pid = m.pid
+            with open(f"/proc/{pid}/maps") as f:
+                res["preloaded"] = library in f.read()
+            baseline = stat_snapshot(m, image)
+            res["tokens_at_mount"] = tokens_issued() if tokens_issued else None
+            for i, offset in enumerate(offsets):
+                before = clock.offset
+                log(f"clock {kind}: {before:+.0f} s -> {offset:+.0f} s under readers")
+                counted = _counters(m.stats())
+                wl = _scenario_readers(m, image, deadline, seed + 10 * i)
+                with periodic(1.0, drop_caches):
+                    time.sleep(lead)
+                    clock.set(offset)
+                    time.sleep(seconds)
+                    wl.stop()
+                    during, finished = wl.wait(60)
+                alive = _alive(pid)
+                if alive:  # what the readers made the daemon fetch, the jump in the middle
+                    now_counted = _counters(m.stats())
+                    fetched = {k: (now_counted[k] or 0) - (counted[k] or 0)
+                               for k in ("requests", "frames_fetched", "bytes_fetched", "read_errors")}  # fmt: skip
+                drop_caches()
+                after = read_everything(m.rootfs, image, deadline=deadline)
+                now = stat_snapshot(m, image)
+                changed = [_stat_change(k, baseline[k], now.get(k)) for k in sorted(baseline) if now.get(k) != baseline[k]]
+                res["jumps"].append({
+                    "from_s": before, "to_s": offset, "jump_s": offset - before,
+                    "during": during.summary(), "readers_finished": finished, "alive": alive,
+                    "daemon_during": fetched if alive else None,
+                    "after": after.summary(), "stat_changed": changed[:10], "stat_changed_count": len(changed),
+                    "seen_offset_s": seen_offset(cache),
+                    "tokens_issued": tokens_issued() if tokens_issued else None,
+                    "stats": _counters(m.stats()) if alive else None,
+                })  # fmt: skip
+                if not alive:
+                    break
+        finally:
+            proc = m.umount() if m.mounted else None
+            m.close()
+            remove_faketime_leftovers(shm_before)
+        res["umount_rc"] = proc.returncode if proc else None
+        res["leftovers"] = leftovers(m)
+        out["mounts"][kind] = res
+    return out

@@ -199,9 +199,9 @@ def describe_layout(report: object) -> str:
 
     assert isinstance(report, LayoutReport)
     line = (
-        f"layout: {report.inodes} inodes, metadata {format_size(report.metadata_bytes)}, then "
-        f"{report.hot_files} hot files ({format_size(report.hot_bytes)}): hot part "
-        f"{format_size(report.hot_end)} of {format_size(report.image_size)}"
+        f"layout: {report.inodes} inodes, hot metadata {format_size(report.metadata_bytes)}, then "
+        f"{report.hot_files} hot files ({format_size(report.hot_bytes)}; {report.chunked_files} read in part, "
+        f"chunk-based): hot part {format_size(report.hot_end)} of {format_size(report.image_size)}"
     )
     if report.missing_paths:
         line += f"; {len(report.missing_paths)} listed paths not in the image (first: {report.missing_paths[0]})"

@@ -24,7 +24,6 @@ command's first line on the host's monotonic clock):
     tables        chunk tables: fetched, or read back from the table store
     fuse_init     pyfuse3.init (the FUSE mount)
     fuse_ready    the kernel's FUSE INIT (one stat through the mount)
-    readahead     raising the FUSE readahead window
     rootfs        kernel EROFS mounts and the overlay (reads the first frames)
     handshake     readiness up the pipe, the parent's exit
 
@@ -68,7 +67,7 @@ COMMAND = [LAZYEROFS]
 # Daemon timeline steps in order; each phase ends at its step.
 STEPS = (
     "command", "checks", "fork", "imports", "cache", "resolve", "tables",
-    "fuse_init", "fuse_ready", "readahead", "rootfs", "ready",
+    "fuse_init", "fuse_ready", "rootfs", "ready",
 )  # fmt: skip
 PHASES = ("interpreter", *STEPS[:-1], "handshake")
 WARM_TARGET_S = 0.3

@@ -139,7 +139,8 @@ examples:
         type=parse_size,
         default=4 << 20,
         metavar="SIZE",
-        help="kernel readahead window of the FUSE mount (default: 4MiB; the kernel's own is 128KiB)",
+        help="kernel readahead window of the FUSE mount (default: 4MiB). Above the kernel's own 128KiB it "
+        "applies once every frame is cached: until then a larger window would fetch frames nobody reads",
     )
     g = p.add_argument_group("startup profile")
     prof = g.add_mutually_exclusive_group()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+from collections.abc import Iterable
 from typing import Literal
 
 import trio
@@ -94,6 +95,8 @@ class FrameStore:
         # Frames known to be in the cache: a shortcut for the miss decision
         # only; the cache stays the source of truth.
         self._present: set[int] = set()
+        # Frames a replayed startup profile lists for this layer (expect()).
+        self._expected: frozenset[int] = frozenset()
         # Frames fetched, in first-fetch order (a dict keeps insertion order).
         self._touched: dict[int, None] = {}
         # Keys of unverified frames are made on demand: a list of a million
@@ -105,6 +108,11 @@ class FrameStore:
             return self.table.checksums[i]
         return hashlib.sha512(self._salt + i.to_bytes(8, "little")).digest()
 
+    def expect(self, frames: Iterable[int]) -> None:
+        """Frames a startup profile says the start reads (its replay fetches
+        them): sequential readers inside them are not fetched ahead past them."""
+        self._expected = frozenset(frames)
+
     def start(self, nursery: trio.Nursery) -> None:
         """Run fetches in ``nursery`` from now on: they then outlive the
         reader that started them (a reader that times out stops waiting, but
@@ -113,6 +121,14 @@ class FrameStore:
 
     @property
     def frames_present(self) -> int:
+        return len(self._present)
+
+    def refresh_present(self) -> int:
+        """Blocking (run it in a worker thread): ask the cache about every
+        frame not known to be there; returns how many frames are present."""
+        for i in range(self.table.frame_count):
+            if i not in self._present and self.cache.contains(self.key(i), self.table.raw_length(i)):
+                self._present.add(i)
         return len(self._present)
 
     def known_present(self, i: int) -> bool:
@@ -282,7 +298,7 @@ class FrameStore:
         requests (only with room in the budget: a speculative fetch never
         waits for it). In the background nursery when there is one."""
         cs = self.table.chunk_size
-        window = self.policy.stream_window(stream, self.table, cs)
+        window = self.policy.stream_window(stream, self.table, cs, self._expected)
         near = self.policy.stream_memory_window(stream, self.table, cs, getattr(self.cache, "memory_limit", 0))
         if not window and not near:
             return

@@ -24,7 +24,7 @@ and decoded on worker threads, so the network, SHA-512 and zstd overlap
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -357,16 +357,28 @@ class FetchPolicy:
     def is_sequential(self, stream: Stream) -> bool:
         return self.stream_ahead > 0 and stream.streamed >= SEQUENTIAL_AFTER
 
-    def stream_window(self, stream: Stream, layout: FrameLayout, chunk_size: int) -> range:
+    def stream_window(
+        self, stream: Stream, layout: FrameLayout, chunk_size: int, expected: Collection[int] = ()
+    ) -> range:
         """Frames to arrange ahead of a sequential ``stream`` that are not yet:
         those after the one it is reading, up to a window that grows with
         what the stream has read (like the kernel's readahead), capped at
-        ``stream_ahead`` bytes."""
+        ``stream_ahead`` bytes. ``expected``: the frames a replayed startup
+        profile lists for this layer (the window then ends where they do)."""
         ahead = min(self.stream_ahead, max(2 * chunk_size, stream.streamed))
         current = max(stream.pos - 1, 0) // chunk_size
         first = max(current + 1, stream.ahead_until)
         last = min((stream.pos + ahead - 1) // chunk_size, layout.frame_count - 1)
-        return range(first, max(first, last + 1))
+        window = range(first, max(first, last + 1))
+        if expected and current in expected:
+            # A startup profile lists what this start reads, and its replay
+            # fetches those frames anyway: while the reader is inside them,
+            # guessing past them only spends the link (an optimized image's
+            # hot part is read in order and ends where the profile does).
+            # A reader that leaves the profile gets the usual window.
+            stop = next((k for k in window if k not in expected), window.stop)
+            window = range(first, stop)
+        return window
 
     def stream_memory_window(self, stream: Stream, layout: FrameLayout, chunk_size: int, memory_bytes: int) -> range:
         """Cached frames just ahead of a sequential ``stream`` to load whole

@@ -380,6 +380,8 @@ class _Store(Protocol):
 
     async def frames(self, frames: range) -> list[bytes]: ...
 
+    def expect(self, frames: Iterable[int]) -> None: ...
+
 
 class _Demand(Protocol):
     active: int
@@ -480,6 +482,10 @@ class ProfileReplay:
         self.counts = _Counts(fetched_frames=[set() for _ in self.targets])
         self.order = self._plan(profile)
         self.counts.planned = len(self.order)
+        for i, target in enumerate(self.targets):
+            if target is not None and target.background:
+                # The store stops guessing past what the profile lists.
+                target.store.expect(f for layer, f in self.order if layer == i)
         self._pos = {entry: n for n, entry in enumerate(self.order)}
         self._taken: set[tuple[int, int]] = set()
         self._next = 0

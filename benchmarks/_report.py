@@ -37,6 +37,14 @@ def _touched(touch_log: list[dict[str, Any]], layer_raw: dict[str, int], chunk: 
     return comp, raw, frames
 
 
+def link_bps(meta: dict[str, Any], mbit: float) -> float:
+    """Bytes per second the emulated link gives at a ``mbit`` cap: the cap, or
+    less where the proxy measured at setup delivered less (older results
+    have no measurement: the cap)."""
+    ceiling = meta.get("link_ceilings", {}).get(str(mbit))
+    return (ceiling["effective_mbit"] if ceiling else mbit) * 1e6 / 8
+
+
 def derive(measurements: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str, Any]:
     """Limit rows, table rows, touched fractions and the RTT slope analysis."""
     rtt_round_trips = meta["limit_round_trips"]
@@ -72,7 +80,7 @@ def derive(measurements: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str
             if not log:
                 continue
             comp, raw, frames = _touched(log, layer_raw, chunk)
-            bw = mbit * 1e6 / 8
+            bw = link_bps(meta, mbit)
             head = img["manifest_bytes"] + table_bytes
             ready = head / bw + (rtt_round_trips - 1) * rtt_ms / 1000
             net = (head + comp) / bw + rtt_round_trips * rtt_ms / 1000
@@ -217,7 +225,7 @@ def targets(rows: list[dict[str, Any]], local: dict[tuple[int, str], float], met
         if lazy:
             img = meta["images"].get(str(chunk))
             head = (img["manifest_bytes"] + sum(la["table_bytes"] for la in img["layers"])) if img else 0
-            bound = 4 * rtt_ms / 1000 + head / (mbit * 1e6 / 8) + 0.25
+            bound = 4 * rtt_ms / 1000 + head / link_bps(meta, mbit) + 0.25
             check(key, "ready <= 4 RTT + first frames + 0.25 s", lazy["ready_s"], bound)
         if warm:
             check(key, "warm mount <= 0.3 s", warm["ready_s"], 0.3)
@@ -225,6 +233,21 @@ def targets(rows: list[dict[str, Any]], local: dict[tuple[int, str], float], met
             if loc is not None:
                 check(key, "warm workload <= 2x local + 0.3 s", warm["done_s"] - warm["ready_s"], 2 * loc + 0.3)
     return out
+
+
+def _ceiling_lines(meta: dict[str, Any]) -> list[str]:
+    """What the emulated link delivered at setup, per cap (issue 12 item 5)."""
+    ceilings = meta.get("link_ceilings") or {}
+    if not ceilings:
+        return []
+    parts = []
+    for c in ceilings.values():
+        par = next((f"{v:g} Mbit/s over {k.split('_')[0]} parallel range requests" for k, v in c.items() if k.endswith("_streams_mbit")), "")
+        parts.append(f"at a {c['cap_mbit']:g} Mbit/s cap it delivered {c['one_connection_mbit']:g} Mbit/s over one connection, {par}")
+    return [
+        "Link check (one blob through a fresh proxy with no RTT, before the sweep): " + "; ".join(parts)
+        + ". The limit uses the lower of the cap and the best delivered rate.",
+    ]
 
 
 def _slope(pts: list[tuple[float, float]]) -> float:
@@ -249,6 +272,7 @@ def markdown(derived: dict[str, Any], meta: dict[str, Any]) -> str:
         + " (raw EROFS).",
         f"Machine: {m['cpus']} CPUs ({m['cpu_model']}), {m['memory']}, kernel {m['kernel']}, Python {m['python']}; {m['date']}.",
         f"Network: {meta['network_emulator']} (per-request RTT, shared bandwidth cap) in front of docker-registry.",
+        *_ceiling_lines(meta),
         f"Repetitions per point: {meta['repeat']} (the table shows the median). Total wall time {meta['wall_s'] / 60:.1f} min.",
         "",
         "Workloads (in a chroot of the mounted rootfs):",

@@ -361,8 +361,10 @@ class NetProxy:
         except (_Abort, ConnectionError, OSError, asyncio.IncompleteReadError, ValueError):
             _rst(writer)
         except asyncio.CancelledError:
+            # Only the proxy's own shutdown cancels a connection: end it
+            # quietly (re-raising makes Python 3.11's stream server print a
+            # CancelledError traceback per open connection).
             _rst(writer)
-            raise
         finally:
             if up is not None:
                 up[1].transport.abort()

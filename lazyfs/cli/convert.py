@@ -31,9 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "tar+zstd), turn each layer into one seekable EROFS layer holding exactly its "
             "changes (whiteouts as overlayfs whiteouts and opaque directories), and push the "
             "result to DST_REF with a config whose diff_ids are the raw EROFS images' sha256. "
-            "Layers are streamed (source digests checked as they pass) through a staging "
-            "tree; a tar that climbs out of it, writes through a symlink or device, or "
-            "unpacks to more than --max-layer-size is refused. Needs root and mkfs.erofs."
+            "Layers are streamed (source digests checked as they pass) and each EROFS image "
+            "is written straight from its tar; a tar that climbs out of the layer root, goes "
+            "through a symlink or device, or unpacks to more than --max-layer-size is refused."
         ),
         epilog="example: lazyerofs convert localhost:5000/app:v1 localhost:5000/app:v1-erofs",
     )
@@ -56,6 +56,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--workdir", metavar="DIR", help="staging and temporary images (default: $TMPDIR or /tmp)"
+    )
+    p.add_argument(
+        "--via-mkfs",
+        action="store_true",
+        help=(
+            "unpack each tar into a staging tree under --workdir and build it with mkfs.erofs "
+            "(slower; needs root and erofs-utils) instead of writing the image directly"
+        ),
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     add_encode_options(p)
@@ -136,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size, level=args.level, dm_verity=args.dm_verity,
         verity_block_size=args.verity_block_size, all_platforms=args.all_platforms,
         max_layer_bytes=args.max_layer_size, workdir=args.workdir, link=args.link,
+        via_mkfs=args.via_mkfs,
     )  # fmt: skip
     try:
         report = trio.run(_convert, args, options_from_args(args), convert)

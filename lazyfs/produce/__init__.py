@@ -2,8 +2,11 @@
 
 mkfs.py    raw EROFS images with mkfs.erofs; recognising one by its superblock
 build.py   a directory or raw image -> seekable blob + BLOB.json
+erofs_writer.py  one layer's tar -> an EROFS image directly (convert's default)
 tarstage.py  one layer's tar -> a staging tree of exactly its changes (whiteouts
-             in overlayfs form, nothing followed, nothing written outside)
+             in overlayfs form, nothing followed, nothing written outside;
+             convert --via-mkfs)
+layout.py    an EROFS image laid out again for a recorded start (optimize)
 convert.py   an OCI/Docker image of tar layers -> the same image in seekable EROFS
 """
 

@@ -10,6 +10,7 @@ lets the JSON mutator shape them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import io
@@ -395,6 +396,24 @@ def tar(data: bytes) -> None:
         if problems:
             shutil.rmtree(base)
             raise AssertionError("stage_tar wrote outside its root: " + "; ".join(problems))
+
+
+@_target("tar_erofs", "produce.erofs_writer.write_erofs_from_tar: a layer tar written straight to an "
+         "EROFS image (its own tar header parser; the image must pass fsck.erofs shape checks we can "
+         "do in process: the superblock magic)", S.tars, tar_mutator(1 << 20), weight=0.5)  # fmt: skip
+def tar_erofs(data: bytes) -> None:
+    from lazyfs.produce.erofs_writer import write_erofs_from_tar
+    from lazyfs.produce.mkfs import is_erofs_image
+
+    out = os.path.join(_tar_base(), f"{os.getpid()}.erofs")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out)
+    try:
+        write_erofs_from_tar(io.BytesIO(data), out, layer="fuzz", source_date_epoch=0, max_layer_bytes=64 << 20)
+        assert is_erofs_image(out), "the writer finished without a valid superblock"
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out)
 
 
 # ---------------------------------------------------------------- profiles

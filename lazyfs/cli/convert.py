@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
+from dataclasses import asdict
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -18,6 +21,9 @@ from lazyfs.oci import RegistryClient, RegistryOptions, parse_reference
 from lazyfs.produce import DEFAULT_MAX_LAYER_BYTES, ConvertOptions, ConvertReport, convert_image
 from lazyfs.produce.chunksize import table_lines
 from lazyfs.units import format_size, parse_size
+
+if TYPE_CHECKING:
+    from lazyfs.cli.optimize import OptimizeReport
 
 __all__ = ["register", "run"]
 
@@ -63,6 +69,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help=(
             "unpack each tar into a staging tree under --workdir and build it with mkfs.erofs "
             "(slower; needs root and erofs-utils) instead of writing the image directly"
+        ),
+    )
+    p.add_argument(
+        "--profile",
+        metavar="FILE",
+        help=(
+            "then lay the converted image out for a recorded start, as 'lazyerofs optimize' "
+            "does: FILE is a startup profile recorded on an earlier conversion of the same "
+            "SRC_REF (conversion is reproducible, so its layers are these), or a list of paths "
+            "in first-use order. The translated profile is pushed next to DST_REF. One platform only"
         ),
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -138,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
     if args.all_platforms and args.platform:
         raise FormatError("--platform and --all-platforms exclude each other")
     parse_reference(args.src), parse_reference(args.dst)  # fail before any network
+    if args.profile and args.all_platforms:
+        raise FormatError("--profile and --all-platforms exclude each other: a profile records one platform's start")
+    if args.profile and not os.path.isfile(args.profile):
+        raise FormatError(f"--profile {args.profile}: no such file")
     if args.max_layer_size <= 0:
         raise FormatError(f"--max-layer-size must be > 0, not {args.max_layer_size}")
     convert = ConvertOptions(
@@ -151,10 +171,40 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:  # disk full, no space for staging: one line, not a traceback
         raise LazyErofsError(f"convert: {exc.filename or ''}: {exc.strerror or exc}") from exc
     _chunk_choices(report, args.verbose)
+    summary = report.to_json()
+    digest = report.digest
+    if args.profile:
+        from lazyfs.cli.optimize import profile_digests
+
+        named = profile_digests(args.profile)  # None: a path list, for every layer
+        converted = {layer.digest for plat in report.platforms for layer in plat.layers}
+        if named is not None and not named & converted:
+            print(
+                "lazyerofs: warning: the profile names none of the converted layers (recorded on "
+                "another image, or with other options?): the image is pushed as converted",
+                file=sys.stderr,
+            )
+        else:
+            optimized = asdict(trio.run(_optimize, args, options_from_args(args), report.digest))
+            summary["optimized"], digest = optimized, optimized["digest"]
     if args.json:
-        json.dump(report.to_json(), sys.stdout, indent=2)
+        json.dump(summary, sys.stdout, indent=2)
         print()
     else:
         _summary(report)
-        print(report.digest)
+        for layer in summary.get("optimized", {}).get("layers", []):
+            if layer["relocated"]:
+                print(f"laid out for the profile: {layer['source_digest'][:19]} -> {layer['digest'][:19]}", file=sys.stderr)
+        print(digest)
     return 0
+
+
+async def _optimize(args: argparse.Namespace, options: RegistryOptions, digest: str) -> OptimizeReport:
+    """--profile: the image just pushed, laid out for the recorded start and pushed again as DST_REF."""
+    from lazyfs.cli.optimize import optimize_image
+
+    dst = parse_reference(args.dst)
+    async with RegistryClient(options) as client:
+        return await optimize_image(
+            client, dst.with_digest(digest), dst, args.profile, level=args.level, workdir=args.workdir
+        )

@@ -183,7 +183,7 @@ async def optimize_image(
         raise FormatError(f"{src}: config lists {len(diff_ids)} diff_ids for {len(resolved.layers)} layers")
     new_layers: list[dict[str, Any]] = []
     profile_layers: list[ProfileLayer] = []
-    named = _profile_digests(profile_path)
+    named = profile_digests(profile_path)
     if named is not None and not named & {d["digest"] for d in resolved.layers}:
         raise FormatError(f"{profile_path}: names none of the layers of {src}; nothing to optimize")
     work = tempfile.mkdtemp(prefix="lazyerofs-optimize-", dir=workdir)
@@ -289,7 +289,7 @@ async def optimize_image(
     return report
 
 
-def _profile_digests(path: str) -> set[str] | None:
+def profile_digests(path: str) -> set[str] | None:
     """The layer digests a profile has frames for; None for a path list (every layer)."""
     from lazyfs.fetch.profile import MAX_PROFILE_BYTES, parse_profile
 

@@ -163,6 +163,15 @@ def _rst(writer: asyncio.StreamWriter) -> None:
     writer.transport.abort()
 
 
+def _quiet_cancelled(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """The loop's exception handler: connections cancelled by the proxy's own
+    shutdown are expected (Python 3.11's stream server reports each one with
+    a CancelledError traceback); everything else is reported as usual."""
+    if isinstance(context.get("exception"), asyncio.CancelledError):
+        return
+    loop.default_exception_handler(context)
+
+
 class NetProxy:
     """Reverse proxy on loopback with latency, a shared bandwidth cap and fault rules.
 
@@ -257,6 +266,7 @@ class NetProxy:
 
         def run() -> None:
             loop = asyncio.new_event_loop()
+            loop.set_exception_handler(_quiet_cancelled)
             self._loop = loop
             try:
                 loop.run_until_complete(self._main(started))
@@ -361,10 +371,8 @@ class NetProxy:
         except (_Abort, ConnectionError, OSError, asyncio.IncompleteReadError, ValueError):
             _rst(writer)
         except asyncio.CancelledError:
-            # Only the proxy's own shutdown cancels a connection: end it
-            # quietly (re-raising makes Python 3.11's stream server print a
-            # CancelledError traceback per open connection).
             _rst(writer)
+            raise
         finally:
             if up is not None:
                 up[1].transport.abort()

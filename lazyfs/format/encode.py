@@ -38,7 +38,63 @@ from lazyfs.format.seekable import (
     TABLE_VERSION,
 )
 
-__all__ = ["EncodeResult", "encode_image", "skippable_frame"]
+__all__ = ["BlobTail", "EncodeResult", "encode_image", "skippable_frame", "write_tail"]
+
+
+@dataclass(frozen=True)
+class BlobTail:
+    """What writing a blob's tail (chunk table, dm-verity payload) decided."""
+
+    annotations: dict[str, str]
+    verity_root: str | None
+    verity_hash_offset: int | None
+    end: int  # blob size
+
+
+def write_tail(
+    emit: Callable[[bytes], None],
+    position: int,
+    *,
+    usize: int,
+    chunk_size: int,
+    frames: Iterator[tuple[int, bytes]] | list[tuple[int, bytes]],
+    image: BinaryIO,
+    image_digest: bytes,
+    dm_verity: bool,
+    verity_block_size: int,
+) -> BlobTail:
+    """Emit the chunk table (frames: (blob offset, SHA-512) each) as a
+    skippable frame at ``position``, then with ``dm_verity`` the hash tree
+    payload of ``image`` (read from its start); return the descriptor's
+    annotations. The one place a blob's tail is written (encode_image and
+    the converter's streaming encoder)."""
+    payload = bytearray(_HEADER.pack(TABLE_MAGIC, TABLE_VERSION, usize, chunk_size, HASH_SHA512, 0))
+    for off, digest in frames:
+        payload += _ENTRY_OFFSET.pack(off) + digest
+    table = skippable_frame(bytes(payload))
+    emit(table)
+    annotations = {
+        ANNOTATION_TABLE_OFFSET: str(position),
+        ANNOTATION_CHUNK_DIGEST: "sha512:" + hashlib.sha512(payload).hexdigest(),
+    }
+    position += len(table)
+    verity_root = verity_hash_offset = None
+    if dm_verity:
+        from lazyfs.format import verity, verity_build  # only needed here
+
+        image.seek(0)
+        # The superblock UUID comes from the image, not from chance, so the
+        # same image always gives the same blob.
+        vpayload, verity_root = verity_build.build_payload(
+            image, usize, block_size=verity_block_size, uuid=verity_build.content_uuid(image_digest)
+        )
+        annotations[ANNOTATION_VERITY_OFFSET] = str(position)
+        annotations[ANNOTATION_VERITY_ROOT] = f"sha512:{verity_root}"
+        verity_hash_offset = verity.materialized_hash_offset(usize, verity_block_size)
+        frame = skippable_frame(vpayload)
+        emit(frame)
+        position += len(frame)
+    return BlobTail(annotations, verity_root, verity_hash_offset, position)
 
 
 def skippable_frame(payload: bytes, magic: int = SKIPPABLE_MAGIC_FIRST) -> bytes:
@@ -150,30 +206,10 @@ def encode_image(
                 for fut in pending:
                     emit_frame(*fut.result())
 
-            payload = bytearray(_HEADER.pack(TABLE_MAGIC, TABLE_VERSION, usize, chunk_size, HASH_SHA512, 0))
-            for off, digest in zip(offsets, checksums, strict=True):
-                payload += _ENTRY_OFFSET.pack(off) + digest
-            table_offset = position
-            emit(skippable_frame(bytes(payload)))
-            annotations = {
-                ANNOTATION_TABLE_OFFSET: str(table_offset),
-                ANNOTATION_CHUNK_DIGEST: "sha512:" + hashlib.sha512(payload).hexdigest(),
-            }
-            verity_root = verity_hash_offset = None
-            if dm_verity:
-                from lazyfs.format import verity, verity_build  # only needed here
-
-                src.seek(0)
-                # The superblock UUID comes from the image, not from chance, so
-                # the same image always gives the same blob.
-                vpayload, verity_root = verity_build.build_payload(
-                    src, usize, block_size=verity_block_size,
-                    uuid=verity_build.content_uuid(image_hash.digest()),
-                )  # fmt: skip
-                annotations[ANNOTATION_VERITY_OFFSET] = str(position)
-                annotations[ANNOTATION_VERITY_ROOT] = f"sha512:{verity_root}"
-                verity_hash_offset = verity.materialized_hash_offset(usize, verity_block_size)
-                emit(skippable_frame(vpayload))
+            tail = write_tail(
+                emit, position, usize=usize, chunk_size=chunk_size, frames=list(zip(offsets, checksums, strict=True)),
+                image=src, image_digest=image_hash.digest(), dm_verity=dm_verity, verity_block_size=verity_block_size,
+            )  # fmt: skip
             dst.flush()
             if fsync:
                 os.fsync(dst.fileno())
@@ -187,7 +223,7 @@ def encode_image(
         "mediaType": MEDIA_TYPE_SEEKABLE,
         "digest": "sha256:" + blob_hash.hexdigest(),
         "size": position,
-        "annotations": annotations,
+        "annotations": tail.annotations,
     }
     return EncodeResult(
         descriptor=descriptor,
@@ -195,6 +231,6 @@ def encode_image(
         uncompressed_size=usize,
         chunk_size=chunk_size,
         frame_count=len(offsets),
-        verity_root=verity_root,
-        verity_hash_offset=verity_hash_offset,
+        verity_root=tail.verity_root,
+        verity_hash_offset=tail.verity_hash_offset,
     )

@@ -1130,20 +1130,8 @@ class StreamingEncoder:
     ) -> EncodeResult:  # fmt: skip
         """The image is complete: encode what is left and write the blob (to a
         temporary name in its directory, renamed at the end)."""
-        from lazyfs.format import verity, verity_build
-        from lazyfs.format.encode import EncodeResult, skippable_frame
-        from lazyfs.format.seekable import (
-            _ENTRY_OFFSET,
-            _HEADER,
-            ANNOTATION_CHUNK_DIGEST,
-            ANNOTATION_TABLE_OFFSET,
-            ANNOTATION_VERITY_OFFSET,
-            ANNOTATION_VERITY_ROOT,
-            HASH_SHA512,
-            MEDIA_TYPE_SEEKABLE,
-            TABLE_MAGIC,
-            TABLE_VERSION,
-        )  # fmt: skip
+        from lazyfs.format.encode import EncodeResult, write_tail
+        from lazyfs.format.seekable import MEDIA_TYPE_SEEKABLE
 
         fd = self._open()
         usize = os.fstat(fd).st_size
@@ -1185,29 +1173,18 @@ class StreamingEncoder:
                     emit(piece)
                     if progress is not None:
                         progress(min(position * usize // max(sum(sizes), 1), usize), usize)
-                payload = bytearray(_HEADER.pack(TABLE_MAGIC, TABLE_VERSION, usize, self._chunk, HASH_SHA512, 0))
+                frame_offsets = []
                 offset = 0
-                for size, digest in zip(sizes, digests, strict=True):
-                    payload += _ENTRY_OFFSET.pack(offset) + digest
+                for size in sizes:
+                    frame_offsets.append(offset)
                     offset += size
-                table_offset = position
-                emit(skippable_frame(bytes(payload)))
-                annotations = {
-                    ANNOTATION_TABLE_OFFSET: str(table_offset),
-                    ANNOTATION_CHUNK_DIGEST: "sha512:" + hashlib.sha512(payload).hexdigest(),
-                }
                 image_hash = hashing.result()
-                verity_root = verity_hash_offset = None
-                if dm_verity:
-                    with open(self._image, "rb") as src:
-                        vpayload, verity_root = verity_build.build_payload(
-                            src, usize, block_size=verity_block_size,
-                            uuid=verity_build.content_uuid(image_hash.digest()),
-                        )  # fmt: skip
-                    annotations[ANNOTATION_VERITY_OFFSET] = str(position)
-                    annotations[ANNOTATION_VERITY_ROOT] = f"sha512:{verity_root}"
-                    verity_hash_offset = verity.materialized_hash_offset(usize, verity_block_size)
-                    emit(skippable_frame(vpayload))
+                with open(self._image, "rb") as src:
+                    tail = write_tail(
+                        emit, position, usize=usize, chunk_size=self._chunk,
+                        frames=list(zip(frame_offsets, digests, strict=True)), image=src,
+                        image_digest=image_hash.digest(), dm_verity=dm_verity, verity_block_size=verity_block_size,
+                    )  # fmt: skip
             os.replace(tmp, blob_path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -1219,12 +1196,12 @@ class StreamingEncoder:
             "mediaType": MEDIA_TYPE_SEEKABLE,
             "digest": "sha256:" + blob_hash.hexdigest(),
             "size": position,
-            "annotations": annotations,
+            "annotations": tail.annotations,
         }
         return EncodeResult(
             descriptor=descriptor, diff_id="sha256:" + image_hash.hexdigest(), uncompressed_size=usize,
-            chunk_size=self._chunk, frame_count=count, verity_root=verity_root,
-            verity_hash_offset=verity_hash_offset,
+            chunk_size=self._chunk, frame_count=count, verity_root=tail.verity_root,
+            verity_hash_offset=tail.verity_hash_offset,
         )  # fmt: skip
 
     def close(self) -> None:

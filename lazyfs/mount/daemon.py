@@ -38,6 +38,7 @@ from lazyfs.mount.state import (
     open_private,
     private_dir,
     process_start_time,
+    prune_kept_logs,
     redact_url,
     state_dir,
     teardown,
@@ -396,6 +397,7 @@ def _open_log(cfg: MountConfig) -> IO[str] | None:
     if cfg.log_file is None:
         private_dir(RUN_DIR)
         cfg.log_file = str(log_path(cfg.mountpoint))
+        prune_kept_logs()  # the logs failures kept stay bounded
     try:
         return os.fdopen(open_private(cfg.log_file, os.O_APPEND), "a", buffering=1)
     except OSError as exc:

@@ -47,6 +47,7 @@ __all__ = [
     "open_private",
     "private_dir",
     "process_start_time",
+    "prune_kept_logs",
     "redact_url",
     "save_state",
     "state_dir",
@@ -78,6 +79,33 @@ def log_path(mountpoint: str) -> Path:
     """The daemon's default log: one per mount id, beside the state dirs
     (not in them: it outlives a failed mount, whose state dir is removed)."""
     return RUN_DIR / f"{mount_id(mountpoint)}.log"
+
+
+# Logs kept after failed or killed daemons, at most (the oldest go first).
+KEPT_LOGS = 32
+
+
+def prune_kept_logs(keep: int = KEPT_LOGS) -> int:
+    """Remove all but the newest ``keep`` default logs in RUN_DIR whose mount
+    is gone (no state dir): each failure keeps its log for a post-mortem, and
+    without a bound they would pile up for ever. Returns how many went."""
+    try:
+        names = [n for n in os.listdir(RUN_DIR) if n.endswith(".log")]
+    except FileNotFoundError:
+        return 0
+    kept: list[tuple[float, str]] = []
+    for name in names:
+        if (RUN_DIR / name.removesuffix(".log")).is_dir():
+            continue  # a live mount's (or one being set up)
+        with contextlib.suppress(FileNotFoundError):
+            kept.append((os.lstat(RUN_DIR / name).st_mtime, name))
+    kept.sort(reverse=True)
+    removed = 0
+    for _mtime, name in kept[keep:]:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(RUN_DIR / name)
+            removed += 1
+    return removed
 
 
 def discard_log(log_file: str | None, mountpoint: str) -> None:

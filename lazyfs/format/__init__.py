@@ -21,9 +21,11 @@ from typing import Any
 _WHERE = {
     "check_digest": "digest",
     "verify_bytes": "digest",
+    "BlobTail": "encode",
     "EncodeResult": "encode",
     "encode_image": "encode",
     "skippable_frame": "encode",
+    "write_tail": "encode",
     **{
         name: "seekable"
         for name in (

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import random
 import re
+import signal
 import socket
 import struct
 import sys
@@ -570,6 +571,11 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.fault:
         rule = FaultRule.parse(spec)
         proxy.add_fault(rule.kind, count=rule.count, probability=rule.probability, path=rule.path)
+    # Stop on SIGINT or SIGTERM even when started in the background, where a
+    # shell (or a CI job run with &) leaves SIGINT ignored, and Python then
+    # keeps ignoring it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with proxy:
         print(f"netproxy: {proxy.url} -> {args.upstream}", flush=True)
         try:

@@ -9,12 +9,16 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import subprocess
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from test_layout import EPOCH, fsck, make_tree, need, snapshot
+from test_layout import (
+    EPOCH,
+    fsck,
+    kernel_tree,  # noqa: F401 (a fixture: pytest finds it here)
+    make_tree,
+    need,
+)
 
 from lazyfs.produce.layout import ErofsImage, hints_from_ranges, relocate_image
 from lazyfs.produce.mkfs import make_erofs
@@ -46,26 +50,6 @@ def plain(tmp_path: Path) -> Path:
     return image
 
 
-@pytest.fixture
-def mounted_tree(tmp_path: Path) -> Iterator[Callable[[Path], dict[str, tuple]]]:
-    """Mount an image with the kernel EROFS driver and snapshot it; unmounted in the finalizer."""
-    if os.geteuid() != 0:
-        pytest.skip("needs root for a kernel mount")
-    mounted: list[Path] = []
-
-    def take(image: Path) -> dict[str, tuple]:
-        mnt = tmp_path / f"mnt{len(mounted)}"
-        mnt.mkdir()
-        subprocess.run(["mount", "-t", "erofs", "-o", "loop,ro", str(image), str(mnt)], check=True)
-        mounted.append(mnt)
-        return snapshot(mnt)
-
-    yield take
-    for mnt in mounted:
-        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 def by_path(image: Path) -> dict[str, object]:
     """Every name (hard links: each) -> its parsed inode."""
     return ErofsImage(image.read_bytes()).paths()  # type: ignore[return-value]
@@ -80,7 +64,7 @@ def incompat(image: Path) -> int:
     return struct.unpack_from("<I", image.read_bytes(), 1024 + 80)[0]
 
 
-def test_partly_read_files_become_chunk_based_fsck_clean_and_serve_the_same_tree(plain: Path, tmp_path: Path, mounted_tree):
+def test_partly_read_files_become_chunk_based_fsck_clean_and_serve_the_same_tree(plain: Path, tmp_path: Path, kernel_tree):  # noqa: F811 (the fixture)
     old = by_path(plain)
     ranges = [
         *blocks(old["/usr/bin/big"], 3, 4, 5),
@@ -97,7 +81,7 @@ def test_partly_read_files_become_chunk_based_fsck_clean_and_serve_the_same_tree
     assert placed["/usr/bin/big-again"] is placed["/usr/bin/big"]  # still one inode, two names
     assert incompat(new) & 0x4  # EROFS_FEATURE_INCOMPAT_CHUNKED_FILE
     fsck(new)
-    before, after = mounted_tree(plain), mounted_tree(new)
+    before, after = kernel_tree(plain), kernel_tree(new)
     assert before == after
     assert after["usr/bin/big-again"][-1] == after["usr/bin/big"][-1]
     assert after["usr/lib/libext.so"][1:3] == (70_000, 70_001)
@@ -141,12 +125,12 @@ def test_inodes_and_directories_the_start_did_not_read_come_after_the_hot_data(p
     fsck(new)
 
 
-def test_a_chunk_based_image_from_mkfs_or_an_earlier_layout_is_laid_out_again(plain: Path, tmp_path: Path, mounted_tree):
+def test_a_chunk_based_image_from_mkfs_or_an_earlier_layout_is_laid_out_again(plain: Path, tmp_path: Path, kernel_tree):  # noqa: F811 (the fixture)
     chunked = tmp_path / "mkfs-chunked.erofs"
     make_erofs(tmp_path / "tree", chunked, extra_args=["--chunksize=8192"], source_date_epoch=EPOCH)
     first = tmp_path / "first.erofs"
     relocate_image(plain, first, hints_from_ranges(blocks(by_path(plain)["/usr/lib/libext.so"], 5, 6)))
-    want = mounted_tree(plain)
+    want = kernel_tree(plain)
     for n, src in enumerate((chunked, first)):
         src_ext = by_path(src)["/usr/lib/libext.so"]
         out = tmp_path / f"again{n}.erofs"
@@ -156,4 +140,4 @@ def test_a_chunk_based_image_from_mkfs_or_an_earlier_layout_is_laid_out_again(pl
         m = report.metadata_bytes // B
         assert placed.blocks[0] == m and placed.blocks[20:22] == [m + 1, m + 2]  # type: ignore[attr-defined]
         fsck(out)
-        assert mounted_tree(out) == want, src.name
+        assert kernel_tree(out) == want, src.name

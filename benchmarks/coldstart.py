@@ -109,6 +109,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         help="use this directory as the image instead of the debootstrap rootfs (split by the same rules)",
     )
+    p.add_argument(
+        "--image-from",
+        choices=("push", "convert"),
+        default="push",
+        help="how the seekable images get into the registry: 'lazyerofs push' of mkfs.erofs images of the "
+        "layer trees, or the same trees pushed as an ordinary tar+gzip image and 'lazyerofs convert'ed",
+    )
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="which measured strategies to run")
     p.add_argument("--work", type=Path, default=WORK, help="scratch and cache directory")
     p.add_argument("--results", type=Path, default=RESULTS, help="output directory")
@@ -179,6 +186,13 @@ def lazyerofs(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[s
     except subprocess.TimeoutExpired as exc:
         err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr or ""
         raise Hang(f"lazyerofs {' '.join(args)} did not finish within {timeout:g}s: {err[-1000:]}") from None
+
+
+def convert(src: str, ref: str, chunk_size: int) -> None:
+    """``lazyerofs convert --chunk-size``: the tar+gzip image ``src`` as ``ref``."""
+    proc = lazyerofs("convert", "--chunk-size", str(chunk_size), src, ref, timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"lazyerofs convert {src} {ref} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
 
 
 def push(images: list[Path], ref: str, chunk_size: int) -> None:
@@ -481,15 +495,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         registry.start()
         print(f"[setup] docker-registry on {registry.host}", flush=True)
+        if args.image_from == "convert":
+            # The same layer trees as an ordinary tar+gzip image, converted below.
+            from tests.support.containerd import push_tar_image
+
+            trees = _image.split_tree(root, run_dir / "trees")
+            source = f"{registry.host}/{REPO}-src:tgz"
+            tgz = push_tar_image(trees, source, run_dir)
+            shutil.rmtree(run_dir / "trees")
+            image_desc += f", pushed as tar+gzip ({format_size(tgz['blob_bytes'])}) and converted with lazyerofs convert"
         for chunk in args.chunk_list:
             ref = f"{registry.host}/{REPO}:c{chunk}"
             t0 = time.monotonic()
-            push([la.path for la in layers], ref, chunk)
+            if args.image_from == "convert":
+                convert(source, ref, chunk)
+            else:
+                push([la.path for la in layers], ref, chunk)
             images[chunk] = image_info(ref)
             blob_total = sum(la["size"] for la in images[chunk]["layers"])
             print(
-                f"[setup] pushed {ref} ({format_size(chunk)} chunks, {format_size(blob_total)} of blobs) "
-                f"with lazyerofs push in {time.monotonic() - t0:.1f}s",
+                f"[setup] {ref}: {format_size(chunk)} chunks, {format_size(blob_total)} of blobs, "
+                f"by lazyerofs {args.image_from} in {time.monotonic() - t0:.1f}s",
                 flush=True,
             )
         biggest = max(images[args.chunk_list[0]]["layers"], key=lambda la: la["size"])

@@ -18,7 +18,7 @@ from lazyfs.units import format_size
 __all__ = ["derive", "write_all"]
 
 Key = tuple[int, float, float, str]  # chunk, rtt_ms, mbit, workload
-LAZY = ("lazy", "lazy-ondemand", "lazy+prefetch", "lazy+profile", "lazy-warm")
+LAZY = ("lazy", "lazy-ondemand", "lazy+prefetch", "lazy+profile", "lazy+optimized", "lazy-warm")
 
 
 def _median(values: list[float]) -> float:
@@ -136,7 +136,7 @@ def derive(measurements: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str
         med[(key, strategy)] = {
             f: _median([r[f] for r in runs]) for f in ("ready_s", "done_s", "bytes_fetched", "requests")
         }
-    order = {"eager": 0, "lazy": 1, "lazy-ondemand": 2, "lazy+prefetch": 2, "lazy+profile": 3, "lazy-warm": 4, "limit": 5}
+    order = {"eager": 0, "lazy": 1, "lazy-ondemand": 2, "lazy+prefetch": 2, "lazy+profile": 3, "lazy+optimized": 4, "lazy-warm": 5, "limit": 6}
     keys = sorted({k for k, _s in med} | set(limit_by_key), key=lambda k: (-k[0], k[1], -k[2], k[3]))
     for key in keys:
         eager = med.get((key, "eager"))
@@ -288,7 +288,8 @@ def markdown(derived: dict[str, Any], meta: dict[str, Any]) -> str:
         "exited); `lazy-ondemand` = the same with `--no-prefetch` (on-demand reads only: the old default); "
         "`lazy+profile` = a cold mount replaying the "
         "startup profile the `lazy` run of the same workload recorded and pushed (the other lazy strategies "
-        "mount with `--no-profile`); `lazy-warm` = `lazy` with the chunk "
+        "mount with `--no-profile`); `lazy+optimized` = the image laid out by `lazyerofs optimize` for that same "
+        "profile (issue 14), mounted cold with the translated profile; `lazy-warm` = `lazy` with the chunk "
         "cache kept (page cache dropped); `limit` = (manifest + chunk tables + compressed bytes of the frames the "
         f"lazy run touched) / bandwidth + {meta['limit_round_trips']} x RTT (manifest; all tables in parallel; all "
         "touched frames in parallel) + the workload's run time with all bytes local (the frames touched are those "
@@ -393,7 +394,7 @@ def _plot(derived: dict[str, Any], path: Path) -> bool:
     workloads = sorted({r["workload"] for r in rows})
     strategies = [
         s
-        for s in ("eager", "lazy", "lazy-ondemand", "lazy+prefetch", "lazy+profile", "lazy-warm", "limit")
+        for s in ("eager", "lazy", "lazy-ondemand", "lazy+prefetch", "lazy+profile", "lazy+optimized", "lazy-warm", "limit")
         if any(r["strategy"] == s for r in rows)
     ]
     nets = sorted({(r["rtt_ms"], r["mbit"]) for r in rows}, key=lambda x: (x[0], -x[1]))

@@ -62,7 +62,7 @@ def test_coldstart_harness_runs_one_point_and_writes_every_output(tmp_path: Path
     data = json.loads((results / "smoke.json").read_text())
     assert data["meta"]["failures"] == [], data["meta"]["failures"]
     strategies = {m["strategy"] for m in data["measurements"]}
-    assert strategies == {"eager", "lazy", "lazy-warm", "lazy-ondemand", "lazy+profile"}
+    assert strategies == {"eager", "lazy", "lazy-warm", "lazy-ondemand", "lazy+profile", "lazy+optimized"}
     for m in data["measurements"]:
         assert 0 < m["ready_s"] <= m["done_s"]
     eager = next(m for m in data["measurements"] if m["strategy"] == "eager")

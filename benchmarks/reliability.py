@@ -34,6 +34,7 @@ the full result is not overwritten. Needs root, /dev/fuse, docker-registry.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +254,23 @@ def _clock_markdown(cj: Any) -> list[str]:
     return lines
 
 
+@contextlib.contextmanager
+def _registry_in(prefix: str, keep: bool) -> Iterator[tuple[LocalRegistry, Path]]:
+    """A docker-registry in a fresh work directory; both go at the end
+    (the directory stays with ``keep``)."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    registry = LocalRegistry(work / "storage")
+    try:
+        registry.start()
+        yield registry, work
+    finally:
+        registry.stop()
+        if keep:
+            soak.log(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
 def _save(name: str, result: dict[str, Any]) -> None:
     """Write the JSON so far (a later part that fails loses nothing before it)."""
     RESULTS.mkdir(exist_ok=True)
@@ -278,18 +297,15 @@ def main(argv: list[str] | None = None) -> int:
     iterations = args.crash_iterations if args.crash_iterations is not None else (5 if args.short else 100)
     # NetProxy.stop() cancels its connection tasks; asyncio logs each as an error. Noise here.
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    work = Path(tempfile.mkdtemp(prefix="lazyerofs-reliability-"))
     started = time.monotonic()
     load_start = [round(x, 2) for x in os.getloadavg()]
-    registry = LocalRegistry(work / "storage")
     name = "reliability-short" if args.short else "reliability"
     result: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}, "
                    f"Python {platform.python_version()}",
         "short": args.short, "load_start": load_start,
     }  # fmt: skip
-    try:
-        registry.start()
+    with _registry_in("lazyerofs-reliability-", args.keep) as (registry, work):
         files, max_size = (50, 1 << 20) if args.short else (120, 2 << 20)
         image = soak.build_image(registry, work / "image", "soak", files=files, max_size=max_size)
         soak.log(f"image: {len(image.files)} files, {image.total_bytes >> 20} MiB, layers {image.layer_sizes}")
@@ -316,12 +332,6 @@ def main(argv: list[str] | None = None) -> int:
         fuzz = _fuzz_counts()
         if fuzz is not None:
             result["fuzz"] = fuzz
-    finally:
-        registry.stop()
-        if args.keep:
-            soak.log(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     result["wall_seconds"] = round(time.monotonic() - started, 1)
     result["load_end"] = [round(x, 2) for x in os.getloadavg()]
     _save(name, result)
@@ -389,17 +399,8 @@ def _only_clock_jump(args: argparse.Namespace) -> int:
         result: dict[str, Any] = json.loads((RESULTS / f"{name}.json").read_text())
     except (OSError, ValueError):
         result = {"short": args.short}
-    work = Path(tempfile.mkdtemp(prefix="lazyerofs-clockjump-"))
-    registry = LocalRegistry(work / "storage")
-    try:
-        registry.start()
+    with _registry_in("lazyerofs-clockjump-", args.keep) as (registry, work):
         result["clock_jump"] = _clock_jump(registry, work / "clock", args)
-    finally:
-        registry.stop()
-        if args.keep:
-            soak.log(f"work directory kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
     _save(name, result)
     (RESULTS / f"{name}.md").write_text(_markdown(result))
     print("\n".join(_clock_markdown(result["clock_jump"])))

@@ -80,14 +80,23 @@ def test_daemon_killed_under_readers_fails_them_promptly_leaves_nothing_and_keep
     assert second["bytes_fetched"] == 0, second
 
 
+def _readers_then_everything_exact(r: dict, image: soak.SoakImage) -> None:
+    """Readers ran through the fault and saw nothing wrong; afterwards every file reads exactly."""
+    _no_wrong(r["during"])
+    assert r["during"]["reads"] > 0 and r["readers_finished"]
+    assert r["after"]["exact"] == len(image.files), r["after"]
+
+
+def _taken_down_cleanly(r: dict) -> None:
+    assert r["leftovers"] == [] and r["umount_rc"] == 0
+
+
 def test_cache_directory_deleted_under_a_live_mount_never_serves_wrong_bytes(
     soak_registry: LocalRegistry, image: soak.SoakImage, tmp_path: Path
 ):
     r = soak.run_cache_deleted(soak_registry, image, tmp_path, seconds=8, read_timeout=3.0)
-    _no_wrong(r["during"])
-    assert r["during"]["reads"] > 0 and r["readers_finished"]
-    assert r["after"]["exact"] == len(image.files), r["after"]
-    assert r["leftovers"] == [] and r["umount_rc"] == 0
+    _readers_then_everything_exact(r, image)
+    _taken_down_cleanly(r)
 
 
 def test_cache_file_system_filled_under_a_live_mount_still_serves_exact_bytes(
@@ -97,19 +106,15 @@ def test_cache_file_system_filled_under_a_live_mount_still_serves_exact_bytes(
     for part in ("before", "while_full", "after"):
         _no_wrong(r[part])
         assert r[part]["exact"] == r[part]["reads"], (part, r[part])
-    assert r["leftovers"] == [] and r["umount_rc"] == 0
+    _taken_down_cleanly(r)
 
 
 def test_registry_restarted_mid_read_gives_exact_bytes_or_eio_then_recovers(
     soak_registry: LocalRegistry, image: soak.SoakImage, tmp_path: Path
 ):
     r = soak.run_registry_restart(soak_registry, image, tmp_path, down=3.0, read_timeout=3.0)
-    _no_wrong(r["during"])
-    assert r["during"]["reads"] > 0 and r["readers_finished"]
-    assert r["after"]["exact"] == len(image.files), r["after"]
-    assert r["leftovers"] == [] and r["umount_rc"] == 0
-
-
+    _readers_then_everything_exact(r, image)
+    _taken_down_cleanly(r)
 
 
 def test_a_trickled_fetch_does_not_keep_its_frame_unreadable_after_the_network_heals(
@@ -119,7 +124,7 @@ def test_a_trickled_fetch_does_not_keep_its_frame_unreadable_after_the_network_h
     first = r["attempts"][0]
     assert r["fired"] >= 1 and first["requests_sent"] >= 1, r["attempts"]
     assert first["outcome"] == "EIO" and first["seconds"] <= soak.deadline_of(3.0), first
-    assert r["leftovers"] == [] and r["umount_rc"] == 0
+    _taken_down_cleanly(r)
     # The trickled request is given up by the low-speed limit (5 s), retried, and
     # the frame reads again: within that plus a read deadline or two.
     assert r["recovered"], r["attempts"]

@@ -259,6 +259,13 @@ class Mount:
         self.mounted = False
         return proc
 
+    def take_down(self) -> dict[str, Any]:
+        """``lazyerofs umount`` as a user would, then :meth:`close`; returns
+        what umount exited with and what it left behind (for the reports)."""
+        proc = self.umount() if self.mounted else None
+        self.close()
+        return {"umount_rc": proc.returncode if proc else None, "leftovers": leftovers(self)}
+
     def close(self) -> None:
         if self.mounted:
             with contextlib.suppress(Exception):
@@ -691,10 +698,7 @@ def run_soak(
             result["after_faults"] = final.summary()
             result["stats_end"] = _counters(m.stats())
         finally:
-            proc = m.umount() if m.mounted else None
-            m.close()
-            result["umount_rc"] = proc.returncode if proc else None
-            result["leftovers"] = leftovers(m)
+            result.update(m.take_down())
     result["load_end"] = _loadavg()
     return result
 
@@ -833,10 +837,9 @@ def run_cache_deleted(registry: LocalRegistry, image: SoakImage, work: Path, *, 
         after = read_everything(m.rootfs, image, deadline=deadline)
         stats = _counters(m.stats())
     finally:
-        proc = m.umount() if m.mounted else None
-        m.close()
+        down = m.take_down()
     return {"during": during.summary(), "readers_finished": finished, "after": after.summary(), "stats": stats,
-            "umount_rc": proc.returncode if proc else None, "leftovers": leftovers(m)}  # fmt: skip
+            **down}  # fmt: skip
 
 
 def run_cache_filled(registry: LocalRegistry, image: SoakImage, work: Path, *, read_timeout: float = 5.0) -> dict[str, Any]:
@@ -865,11 +868,10 @@ def run_cache_filled(registry: LocalRegistry, image: SoakImage, work: Path, *, r
         after = read_everything(m.rootfs, image, deadline=deadline)
         stats = _counters(m.stats())
     finally:
-        proc = m.umount() if m.mounted else None
-        m.close()
+        down = m.take_down()
         subprocess.run(["umount", "-l", str(fs)], check=False)
     return {"before": t1.summary(), "while_full": full.summary(), "after": after.summary(), "stats": stats,
-            "umount_rc": proc.returncode if proc else None, "leftovers": leftovers(m)}  # fmt: skip
+            **down}  # fmt: skip
 
 
 def run_registry_restart(registry: LocalRegistry, image: SoakImage, work: Path, *, down: float = 3.0,
@@ -899,11 +901,9 @@ def run_registry_restart(registry: LocalRegistry, image: SoakImage, work: Path, 
         after = read_everything(m.rootfs, image, deadline=deadline)
         stats = _counters(m.stats())
     finally:
-        proc = m.umount() if m.mounted else None
-        m.close()
+        down = m.take_down()
     return {"down_s": round(down_for, 1), "during": during.summary(), "readers_finished": finished,
-            "after": after.summary(), "stats": stats, "umount_rc": proc.returncode if proc else None,
-            "leftovers": leftovers(m)}  # fmt: skip
+            "after": after.summary(), "stats": stats, **down}  # fmt: skip
 
 
 def run_trickle(registry: LocalRegistry, image: SoakImage, work: Path, *, read_timeout: float = 3.0) -> dict[str, Any]:
@@ -946,8 +946,7 @@ def run_trickle(registry: LocalRegistry, image: SoakImage, work: Path, *, read_t
                 os.close(fd)
             fired = rule.fired
         finally:
-            proc = m.umount() if m.mounted else None
-            m.close()
+            down = m.take_down()
     healed = [a for a in attempts if a["healed"]]
     ok = [a["outcome"].endswith("bytes") for a in healed]
     # Recovered: once a read succeeds after the network healed, every later one does
@@ -957,7 +956,7 @@ def run_trickle(registry: LocalRegistry, image: SoakImage, work: Path, *, read_t
     return {"fired": fired, "attempts": attempts, "read_timeout_s": read_timeout,
             "recovered": first_ok is not None and all(ok[first_ok:]),
             "recovered_after_s": healed[first_ok]["since_healed"] if first_ok is not None else None,
-            "umount_rc": proc.returncode if proc else None, "leftovers": leftovers(m)}  # fmt: skip
+            **down}  # fmt: skip
 
 
 # --------------------------------------------------------------------------
@@ -1167,10 +1166,7 @@ def run_clock_jump(
                 if not alive:
                     break
         finally:
-            proc = m.umount() if m.mounted else None
-            m.close()
+            res.update(m.take_down())
             remove_faketime_leftovers(shm_before)
-        res["umount_rc"] = proc.returncode if proc else None
-        res["leftovers"] = leftovers(m)
         out["mounts"][kind] = res
     return out

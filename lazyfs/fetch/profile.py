@@ -288,6 +288,21 @@ class ProfileRecorder:
         return Profile(tuple(layers), image=image, created=created, truncated=self.truncated)
 
 
+class Pulse:
+    """Wakes every task waiting at the moment it fires (a trio.Event that
+    renews itself): for "something changed, look again" loops."""
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+
+    def fire(self) -> None:
+        self._event.set()
+        self._event = trio.Event()
+
+    async def wait(self) -> None:
+        await self._event.wait()
+
+
 class DemandReads:
     """The on-demand reads in progress, by the frames they need (fed by
     :class:`RecordingLayer`): a replay steps aside only for a read that
@@ -296,23 +311,19 @@ class DemandReads:
     def __init__(self) -> None:
         self._reads: dict[int, tuple[int, range | None]] = {}
         self._next = 0
-        self._changed = trio.Event()
+        self._changed = Pulse()
 
     def begin(self, layer: int, frames: range | None) -> int:
         """A read of ``frames`` of layer ``layer`` starts (None: not frames,
         e.g. a plain layer or the dm-verity tail); returns its token."""
         self._next += 1
         self._reads[self._next] = (layer, frames)
-        self._signal()
+        self._changed.fire()
         return self._next
 
     def end(self, token: int) -> None:
         self._reads.pop(token, None)
-        self._signal()
-
-    def _signal(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        self._changed.fire()
 
     async def wait_changed(self) -> None:
         await self._changed.wait()
@@ -497,7 +508,7 @@ class ProfileReplay:
         self.bytes_in_flight = 0
         self.peak_in_flight = 0
         self.peak_bytes_in_flight = 0
-        self._wake = trio.Event()
+        self._wake = Pulse()
         self._busy = 0.0
         self._busy_since: float | None = None
         self._failures_in_row = 0
@@ -688,7 +699,7 @@ class ProfileReplay:
                     self._begin(size)
                     nursery.start_soon(self._fetch, i, frames, size, in_profile)
                 while self.in_flight:
-                    await self._wait()
+                    await self._wake.wait()
                 nursery.cancel_scope.cancel()  # the watcher
         finally:
             self.finished = trio.current_time()
@@ -704,14 +715,7 @@ class ProfileReplay:
         assert self.reads is not None
         while True:
             await self.reads.wait_changed()
-            self._kick()
-
-    def _kick(self) -> None:
-        self._wake.set()
-        self._wake = trio.Event()
-
-    async def _wait(self) -> None:
-        await self._wake.wait()
+            self._wake.fire()
 
     async def _slot(self) -> None:
         """Wait until one more request may go out: room in the window the
@@ -727,7 +731,7 @@ class ProfileReplay:
                 waiting = self._foreign_miss()
             if self._may_start(waiting):
                 return
-            await self._wait()
+            await self._wake.wait()
 
     def _foreign_miss(self) -> bool:
         """True if an on-demand read in progress waits for a frame that is
@@ -784,7 +788,7 @@ class ProfileReplay:
         if self.in_flight == 0 and self._busy_since is not None:
             self._busy += trio.current_time() - self._busy_since
             self._busy_since = None
-        self._kick()
+        self._wake.fire()
 
     async def _fetch(self, i: int, frames: range, size: int, in_profile: bool) -> None:
         target = self.targets[i]

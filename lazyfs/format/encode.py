@@ -50,6 +50,15 @@ class BlobTail:
     verity_hash_offset: int | None
     end: int  # blob size
 
+    def descriptor(self, blob_sha256: str) -> dict[str, Any]:
+        """The blob's OCI descriptor, given the hex SHA-256 of all its bytes."""
+        return {
+            "mediaType": MEDIA_TYPE_SEEKABLE,
+            "digest": "sha256:" + blob_sha256,
+            "size": self.end,
+            "annotations": self.annotations,
+        }
+
 
 def write_tail(
     emit: Callable[[bytes], None],
@@ -219,14 +228,8 @@ def encode_image(
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp_path)
         raise
-    descriptor = {
-        "mediaType": MEDIA_TYPE_SEEKABLE,
-        "digest": "sha256:" + blob_hash.hexdigest(),
-        "size": position,
-        "annotations": tail.annotations,
-    }
     return EncodeResult(
-        descriptor=descriptor,
+        descriptor=tail.descriptor(blob_hash.hexdigest()),
         diff_id="sha256:" + image_hash.hexdigest(),
         uncompressed_size=usize,
         chunk_size=chunk_size,

@@ -1131,7 +1131,6 @@ class StreamingEncoder:
         """The image is complete: encode what is left and write the blob (to a
         temporary name in its directory, renamed at the end)."""
         from lazyfs.format.encode import EncodeResult, write_tail
-        from lazyfs.format.seekable import MEDIA_TYPE_SEEKABLE
 
         fd = self._open()
         usize = os.fstat(fd).st_size
@@ -1192,14 +1191,8 @@ class StreamingEncoder:
             raise
         if progress is not None:
             progress(usize, usize)
-        descriptor = {
-            "mediaType": MEDIA_TYPE_SEEKABLE,
-            "digest": "sha256:" + blob_hash.hexdigest(),
-            "size": position,
-            "annotations": tail.annotations,
-        }
         return EncodeResult(
-            descriptor=descriptor, diff_id="sha256:" + image_hash.hexdigest(), uncompressed_size=usize,
+            descriptor=tail.descriptor(blob_hash.hexdigest()), diff_id="sha256:" + image_hash.hexdigest(), uncompressed_size=usize,
             chunk_size=self._chunk, frame_count=count, verity_root=tail.verity_root,
             verity_hash_offset=tail.verity_hash_offset,
         )  # fmt: skip

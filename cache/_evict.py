@@ -45,6 +45,10 @@ RESCAN_DIVISOR = 8
 STALE_TMP_SECONDS = 600.0
 
 
+# Clock skew between processes sharing a cache is not a jump.
+_FUTURE_SLACK_NS = 60 * 10**9
+
+
 class Scanned(NamedTuple):
     atime_ns: int
     disk_size: int
@@ -137,7 +141,11 @@ def evict_oldest(chunks: int, scanned: list[Scanned], budget: int, *, display: s
     freed = evicted = 0
     if total > budget:
         target = int(budget * LOW_WATER)
-        scanned.sort()  # oldest atime first
+        # Oldest atime first. An atime in the future is a use from before the
+        # wall clock went back: older than any use since, so it goes first
+        # (else a jump back would make every new entry the first evicted).
+        now = time.time_ns() + _FUTURE_SLACK_NS
+        scanned.sort(key=lambda s: (s.atime_ns <= now, s.atime_ns))
         for s in scanned:
             if total <= target:
                 break

@@ -122,6 +122,9 @@ class ChunkCache:
             per chunk.
         open_entries: descriptors of recently read entries kept open for
             :meth:`read` (0: open each time).
+        evict: False for a writer on behalf of another process of the same
+            cache (lazyerofs's fetch workers): it never evicts, the other
+            process counts its entries (:meth:`count_written`) and evicts.
 
     Reading part of an entry (:meth:`read`, :meth:`read_nowait`) reads only
     those bytes: the data was verified before it was put, and its header and
@@ -143,6 +146,7 @@ class ChunkCache:
         verify_at_rest: bool = False,
         fsync: bool = False,
         open_entries: int = DEFAULT_OPEN_ENTRIES,
+        evict: bool = True,
     ) -> None:
         if max_bytes < 0 or memory_bytes < 0:
             raise ValueError("cache budgets must not be negative")
@@ -168,9 +172,11 @@ class ChunkCache:
         self._hits = self._misses = self._memory_hits = self._disk_hits = 0
         self._puts = self._write_failures = self._damaged = self._evictions = 0
         self._disk_bytes = self._disk_entries = self._written_since_scan = 0
+        self._evict = evict
         # The first scan learns the size of what earlier runs left and
         # applies this run's budget to it.
-        self.gc()
+        if evict:
+            self.gc()
 
     # -- context manager ---------------------------------------------------------
 
@@ -359,6 +365,18 @@ class ChunkCache:
         except (OSError, CacheError) as exc:
             self._write_failed(exc)
             return False
+        self.count_written(len(data))
+        return True
+
+    def count_written(self, size: int) -> None:
+        """Count an entry of ``size`` data bytes as just written, and evict
+        if that brings the disk over budget. :meth:`put` calls it; call it
+        for entries another process wrote for this one (a cache opened with
+        ``evict=False``), so that eviction, and the dropping of descriptors
+        of evicted entries, happens here: a process that keeps entries open
+        would otherwise go on reading evicted ones, whose space stays taken
+        until it closes them."""
+        entry_size = HEADER_SIZE + size
         with self._lock:
             self._disk_bytes += entry_size
             self._disk_entries += 1
@@ -366,12 +384,11 @@ class ChunkCache:
             over = self._disk_bytes > self.max_bytes or (
                 self._written_since_scan > self.max_bytes // _evict.RESCAN_DIVISOR
             )
-        if over:
+        if over and self._evict:
             try:
                 self._maybe_gc()
             except OSError as exc:
                 log.warning("chunk cache %s: eviction failed: %s", self.root, exc)
-        return True
 
     def contains(self, key: bytes, size: int) -> bool:
         """Whether ``get(key, size)`` would likely hit: memory or one stat.

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -252,6 +253,48 @@ def test_eviction_order_is_lru_and_get_refreshes(
         # And ls order is most recent first.
         atimes = [e.atime for e in c.entries()]
         assert atimes == sorted(atimes, reverse=True)
+
+
+def test_entries_used_before_the_clock_went_back_are_evicted_before_new_ones(tmp_path: Path) -> None:
+    """An atime in the future was set before the wall clock jumped back: it
+    is older than any use since, so a put after the jump does not evict the
+    entries written after it first."""
+    size = 10_000
+    budget = int((HEADER_SIZE + size) * 3.5)
+    a, b, c_, d = (chunk(i, size) for i in range(4))
+    with ChunkCache(tmp_path, max_bytes=budget, memory_bytes=0) as c:
+        c.put(key_of(a), a)
+        future = time.time_ns() + 86400 * 10**9  # stamped before a one-day jump back
+        name = key_of(a).hex()
+        os.utime(tmp_path / "chunks" / name[:2] / name, ns=(future, future))
+        for data in (b, c_, d):
+            c.put(key_of(data), data)
+        assert {e.key_hex for e in c.entries()} == {key_of(x).hex() for x in (b, c_, d)}
+
+
+def test_a_writer_that_does_not_evict_leaves_eviction_to_the_cache_that_counts_its_writes(tmp_path: Path) -> None:
+    """A fetch worker writes with evict=False; the daemon's cache counts the
+    entries (count_written), evicts down to budget and stops reading the
+    evicted entries through descriptors it kept open."""
+    size = 10_000
+    budget = int((HEADER_SIZE + size) * 3.5)
+    blocks = [chunk(i, size) for i in range(5)]
+    with ChunkCache(tmp_path, max_bytes=budget, memory_bytes=0) as owner, ChunkCache(
+        tmp_path, max_bytes=budget, memory_bytes=0, evict=False
+    ) as writer:
+        for data in blocks:
+            assert writer.put(key_of(data), data)
+        assert len(writer.entries()) == 5  # the writer never evicts
+        for data in blocks:  # each now held open by the owner
+            assert owner.read(key_of(data), size, 0, 10) == data[:10]
+        for data in blocks:
+            owner.count_written(len(data))
+        kept = {e.key_hex for e in owner.entries()}
+        assert sum(e.size + HEADER_SIZE for e in owner.entries()) <= budget
+        evicted = [data for data in blocks if key_of(data).hex() not in kept]
+        assert evicted
+        for data in evicted:  # gone, not served from a descriptor kept open
+            assert owner.read(key_of(data), size, 0, 10) is None
 
 
 def test_stale_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:

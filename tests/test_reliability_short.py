@@ -59,7 +59,7 @@ def test_fault_soak_serves_only_exact_bytes_or_eio_and_all_exact_once_faults_sto
     _no_wrong(r["reads"])
     assert r["readers_finished"]
     assert r["reads"]["reads"] >= 200 and r["reads"]["exact"] > 0
-    assert all(r["faults_injected"][kind] > 0 for kind in SOAK_KINDS), r["faults_injected"]
+    assert all(r["faults_injected"][kind] > 0 for kind in SOAK_KINDS), (r["faults_injected"], r["proxy_requests"], r["stats_during"])
     assert r["after_faults"]["exact"] == len(image.files), r["after_faults"]
     assert r["leftovers"] == [] and r["umount_rc"] == 0
     # 45 s is too short to judge a slow leak; this only catches a gross one.

@@ -135,6 +135,17 @@ examples:
         ),
     )
     g.add_argument(
+        "--fetch-workers",
+        type=_workers,
+        default=None,
+        metavar="N",
+        help=(
+            "processes that fetch, verify, decompress and cache frames, so the daemon's own process "
+            "only serves reads (Python runs one thread at a time per process); 0: all in the daemon "
+            "(default: 1 when the machine has a second CPU, else 0)"
+        ),
+    )
+    g.add_argument(
         "--readahead",
         type=parse_size,
         default=4 << 20,
@@ -177,6 +188,12 @@ def _positive_seconds(value: str) -> float:
     if not math.isfinite(seconds) or seconds <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {value}")
     return seconds
+
+
+def _workers(value: str) -> int:
+    if not value.isdigit() or int(value) > 16:
+        raise argparse.ArgumentTypeError(f"must be a number from 0 to 16, not {value}")
+    return int(value)
 
 
 def _fetch_ahead(value: str) -> FetchAhead:
@@ -222,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
         rootfs_allow_suid_dev=args.rootfs_allow_suid_dev,
         nonempty=args.nonempty,
         started=getattr(args, "started", None),
+        fetch_workers=args.fetch_workers,
     )
     if cfg.read.insecure_skip_verify:
         import sys

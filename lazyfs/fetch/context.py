@@ -29,7 +29,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -46,6 +46,9 @@ from lazyfs.fetch.policy import (
 from lazyfs.fetch.source import BlobSource, CountingSource, LayerStats
 from lazyfs.fetch.tables import TableStore
 from lazyfs.format import seekable
+
+if TYPE_CHECKING:
+    from lazyfs.fetch.offload import FetchWorkers
 
 __all__ = [
     "DEFAULT_DECODE_BUDGET",
@@ -110,6 +113,8 @@ class FrameCache(Protocol):
     def advise(self, key: bytes, size: int) -> bool: ...
 
     def put(self, key: bytes, data: bytes) -> bool: ...
+
+    def count_written(self, size: int) -> None: ...
 
     def contains(self, key: bytes, size: int) -> bool: ...
 
@@ -355,6 +360,7 @@ class FetchContext:
         table_store: TableStore | None = None,
         memory: MemoryBudget | None = None,
         io_limiter: trio.CapacityLimiter | None = None,
+        offload: FetchWorkers | None = None,
     ) -> None:
         # Hashing, decompression and cache writes run in threads under this.
         self.limiter = limiter or trio.CapacityLimiter(DEFAULT_WORKER_THREADS)
@@ -369,6 +375,8 @@ class FetchContext:
         self.table_store = table_store
         self.tables_fetched = 0
         self.tables_cached = 0
+        # The mount's fetch workers (lazyfs.fetch.offload), if it has any.
+        self.offload: FetchWorkers | None = offload
 
     def configure_memory(self, limit: int, cache_bytes: int) -> None:
         """Size the mount's memory budget: the user's ``limit``, of which the

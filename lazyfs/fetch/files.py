@@ -184,7 +184,7 @@ class SeekableFile:
             await self.policy.before_prefetch(self.context.demand)
             try:
                 with trio.fail_after(self.settings.read_timeout):
-                    await store.frames(batch)
+                    await store.fill(batch)
             except (LazyErofsError, trio.TooSlowError) as exc:
                 log.warning("%s: prefetch of frames %d-%d failed: %s", self.name, batch[0], batch[-1], exc)
         return self.stats.frames_fetched - before

@@ -32,6 +32,7 @@ import trio
 
 from lazyfs.errors import FetchError, IntegrityError, LazyErofsError
 from lazyfs.fetch.context import FetchContext, FrameCache
+from lazyfs.fetch.offload import FetchWorkers, FrameJob, RunOutcome, WorkerGone
 from lazyfs.fetch.policy import FetchPolicy, ReadPattern, Stream
 from lazyfs.fetch.source import CountingSource
 from lazyfs.format import seekable
@@ -102,6 +103,9 @@ class FrameStore:
         # Keys of unverified frames are made on demand: a list of a million
         # 64-byte keys would cost ~100 MB.
         self._salt = hashlib.sha512(b"lazyerofs-unverified\0" + desc.digest.encode()).digest()
+        # Fetch workers carry out this layer's runs when the mount has them
+        # and the blob is a registry's (:mod:`lazyfs.fetch.offload`).
+        self._remote = source.remote() if getattr(context, "offload", None) is not None else None
 
     def key(self, i: int) -> bytes:
         if self.verified:
@@ -116,8 +120,12 @@ class FrameStore:
     def start(self, nursery: trio.Nursery) -> None:
         """Run fetches in ``nursery`` from now on: they then outlive the
         reader that started them (a reader that times out stops waiting, but
-        the frames still land in the cache for the next one)."""
+        the frames still land in the cache for the next one). Fetch workers
+        get ready for this layer's registry meanwhile."""
         self._nursery = nursery
+        workers = getattr(self.context, "offload", None)
+        if workers is not None and self._remote is not None:
+            nursery.start_soon(workers.warm_up, self._remote)
 
     @property
     def frames_present(self) -> int:
@@ -188,18 +196,31 @@ class FrameStore:
         """
         return await self._get([(i, 0, self.table.raw_length(i)) for i in frames], priority=priority)
 
+    async def fill(self, frames: range, *, priority: Priority = "demand") -> None:
+        """:meth:`frames` for a caller that only wants them in the cache (the
+        profile replay, the fetch of the rest): nothing is read back."""
+        await self._get([(i, 0, self.table.raw_length(i)) for i in frames], priority=priority, keep=False)
+
     async def _get(
-        self, wants: list[tuple[int, int, int]], *, whole: bool = False, priority: Priority = "demand"
+        self,
+        wants: list[tuple[int, int, int]],
+        *,
+        whole: bool = False,
+        priority: Priority = "demand",
+        keep: bool = True,
     ) -> list[bytes]:
         """Bytes ``[lo, hi)`` of each frame ``i`` of ``wants`` (ascending);
-        ``whole``: a cached frame is loaded whole (into the memory LRU)."""
+        ``whole``: a cached frame is loaded whole (into the memory LRU);
+        ``keep=False``: only make sure they are cached, return nothing."""
         results: dict[int, bytes] = {}
         waits: list[tuple[int, int, int, _Flight]] = []
         mine: list[int] = []
         for i, lo, hi in wants:
             flight = self._flights.get(i)
+            if flight is None and not keep and i in self._present:
+                continue
             if flight is None:
-                data = await self._cached(i, lo, hi, whole=whole)
+                data = await self._cached(i, lo, hi, whole=whole) if keep else await self._probe(i)
                 if data is not None:
                     results[i] = data
                     continue
@@ -219,9 +240,30 @@ class FrameStore:
             if flight.error is not None:
                 raise flight.error
             data = flight.data
-            assert data is not None
+            if data is None:
+                if not keep:
+                    continue
+                # A fetch worker put it straight into the cache.
+                results[i] = await self._landed(i, lo, hi, whole=whole, priority=priority)
+                continue
             results[i] = data if lo == 0 and hi == len(data) else data[lo:hi]
-        return [results[i] for i, _lo, _hi in wants]
+        return [results[i] for i, _lo, _hi in wants] if keep else []
+
+    async def _landed(self, i: int, lo: int, hi: int, *, whole: bool, priority: Priority) -> bytes:
+        """Bytes ``[lo, hi)`` of frame ``i``, which a fetch worker has just
+        written to the cache; fetched again if it was evicted since."""
+        data = self.cache.read_nowait(self.key(i), self.table.raw_length(i), lo, hi - lo)
+        if data is None:
+            data = await self._cached(i, lo, hi, whole=whole)
+        if data is None:
+            self._present.discard(i)
+            log.info("%s: frame %d left the cache as soon as it landed; fetching it again", self.name, i)
+            (data,) = await self._get([(i, lo, hi)], whole=whole, priority=priority)
+        return data
+
+    async def _probe(self, i: int) -> bytes | None:
+        """For :meth:`fill`: b"" if frame ``i`` is cached (not read), else None."""
+        return b"" if await self.is_cached(i) else None
 
     async def _claim_ahead(self, last: int) -> list[int]:
         """Claim the frames the policy wants fetched along with a miss, up to
@@ -384,6 +426,8 @@ class FrameStore:
         try:
             if held is None:
                 held = await budget.reserve(self._run_bytes(run), background=background)
+            if await self._offloaded(run, flights):
+                return
             start = self.table.span(run[0])[0]
             blob = await self.source.read(start, self.table.span(run[-1])[1] - start)
             view = memoryview(blob)
@@ -402,13 +446,65 @@ class FrameStore:
                 if not flight.done.is_set():
                     flight.error = error
                     flight.done.set()
-                if self._flights.get(i) is flight:
-                    del self._flights[i]
+                self._forget(i, flight)
             if not isinstance(exc, LazyErofsError):
                 raise
         finally:
             if held is not None:
                 budget.release(held)
+
+    async def _offloaded(self, run: list[int], flights: list[_Flight]) -> bool:
+        """Have a fetch worker carry out ``run`` and settle its flights from
+        what it reports; False (nothing settled) when no worker can."""
+        workers: FetchWorkers | None = getattr(self.context, "offload", None)
+        if workers is None or self._remote is None or not workers.ready_for(self._remote):
+            return False
+        table = self.table
+        verified = table.hash_algo == seekable.HASH_SHA512
+        jobs = [
+            FrameJob(i, table.span(i), table.raw_length(i), table.checksums[i] if verified else None, self.key(i))
+            for i in run
+        ]
+        start = table.span(run[0])[0]
+        length = table.span(run[-1])[1] - start
+
+        async def fetch() -> tuple[int, int, RunOutcome]:
+            got = await workers.fetch(self._remote, start, length, jobs, name=self.name)
+            return got.requests, got.nbytes, got
+
+        try:
+            outcome = await self.source.counted(fetch)
+        except WorkerGone:
+            return False
+        self.stats.verify_failures += outcome.verify_failures
+        unpersisted: list[tuple[int, bytes, _Flight]] = []
+        for i, flight, frame in zip(run, flights, outcome.frames, strict=True):
+            if frame.error is not None:
+                flight.error = frame.exception()
+                log.error("%s", flight.error)
+            else:
+                self._count_fetched(i)
+                flight.data = frame.data
+                self._present.add(i)
+                if not frame.persisted and frame.data is not None:
+                    # The disk refused it (full?): into memory at least; its
+                    # readers find the flight until then.
+                    unpersisted.append((i, frame.data, flight))
+                    flight.done.set()
+                    continue
+            flight.done.set()
+            self._forget(i, flight)
+        written = [table.raw_length(i) for i, frame in zip(run, outcome.frames, strict=True) if frame.persisted]
+        if written:
+            # Eviction stays with the daemon, which holds entries open.
+            cache = self.cache
+            await trio.to_thread.run_sync(lambda: [cache.count_written(n) for n in written], limiter=self.io_limiter)
+        for i, data, flight in unpersisted:
+            try:
+                await trio.to_thread.run_sync(self.cache.put, self.key(i), data, limiter=self.limiter)
+            finally:
+                self._forget(i, flight)
+        return True
 
     async def _settle(self, i: int, flight: _Flight, compressed: bytes | memoryview) -> None:
         """Verify and decompress frame ``i``, hand it to its readers, then
@@ -430,8 +526,7 @@ class FrameStore:
             log.error("%s", exc)
             flight.error = exc
             flight.done.set()
-            if self._flights.get(i) is flight:
-                del self._flights[i]
+            self._forget(i, flight)
             return
         flight.data = raw
         self._present.add(i)
@@ -441,8 +536,7 @@ class FrameStore:
             # until the cache holds the frame.
             await trio.to_thread.run_sync(self.cache.put, self.key(i), raw, limiter=self.limiter)
         finally:
-            if self._flights.get(i) is flight:
-                del self._flights[i]
+            self._forget(i, flight)
 
     async def _decode(self, i: int, compressed: bytes | memoryview) -> bytes:
         # Looked up at call time (module-style) so tests can wrap it.
@@ -450,7 +544,15 @@ class FrameStore:
             functools.partial(seekable.decode_frame, self.table, i, compressed, name=self.name),
             limiter=self.limiter,
         )
+        self._count_fetched(i)
+        return raw
+
+    def _forget(self, i: int, flight: _Flight) -> None:
+        """The flight of frame ``i`` is over (unless another replaced it)."""
+        if self._flights.get(i) is flight:
+            del self._flights[i]
+
+    def _count_fetched(self, i: int) -> None:
         self.stats.frames_fetched += 1
         self.stats.fetched_frames.add(i)
         self._touched.setdefault(i)
-        return raw

@@ -799,7 +799,7 @@ class ProfileReplay:
         try:
             with trio.fail_after(self.timeout):
                 if target.background:
-                    await target.store.frames(frames, priority="background")  # type: ignore[call-arg]
+                    await target.store.fill(frames, priority="background")  # type: ignore[attr-defined]
                 else:
                     await target.store.frames(frames)
         except (LazyErofsError, trio.TooSlowError) as exc:

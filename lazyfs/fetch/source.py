@@ -12,13 +12,19 @@ bytes in the layer's :class:`LayerStats` and feeds the mount's
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import trio
 
 from lazyfs.errors import FetchError
 from lazyfs.fetch.policy import LinkEstimate
+
+if TYPE_CHECKING:
+    from lazyfs.oci.blob import BlobSpec
+
+T = TypeVar("T")
 
 __all__ = ["BlobSource", "CountingSource", "FileSource", "LayerStats"]
 
@@ -58,6 +64,25 @@ class CountingSource:
     @property
     def size(self) -> int:
         return self.source.size
+
+    def remote(self) -> BlobSpec | None:
+        """The blob as a fetch worker opens it (:mod:`lazyfs.fetch.offload`),
+        or None when it is not a registry blob (a file, a test double)."""
+        spec = getattr(self.source, "spec", None)
+        return spec() if callable(spec) else None
+
+    async def counted(self, fetch: Callable[[], Awaitable[tuple[int, int, T]]]) -> T:
+        """Count and time a fetch done elsewhere (a fetch worker): ``fetch``
+        returns (requests, bytes received, its result)."""
+        started = self.link.begin()
+        nbytes = 0
+        try:
+            requests, nbytes, result = await fetch()
+        finally:
+            self.link.end(started, nbytes)
+        self.stats.requests += requests
+        self.stats.bytes_fetched += nbytes
+        return result
 
     async def read(self, offset: int, length: int) -> bytes:
         self.stats.requests += 1

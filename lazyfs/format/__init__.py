@@ -48,6 +48,7 @@ _WHERE = {
             "FrameChecksums",
             "LayerDescriptor",
             "decode_frame",
+            "decode_frame_bytes",
             "load_descriptor",
             "parse_chunk_table",
             "parse_decimal",

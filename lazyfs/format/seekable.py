@@ -50,6 +50,7 @@ __all__ = [
     "FrameChecksums",
     "LayerDescriptor",
     "decode_frame",
+    "decode_frame_bytes",
     "load_descriptor",
     "parse_chunk_table",
     "parse_decimal",
@@ -445,17 +446,33 @@ def decode_frame(table: ChunkTable, i: int, compressed: bytes, *, name: str = "l
     ``max_output_size``), then the frame is decompressed with a hard output
     cap and its length checked.
     """
-    start, end = table.span(i)
+    checksum = table.checksums[i] if table.hash_algo == HASH_SHA512 else None
+    return decode_frame_bytes(compressed, i, table.span(i), table.raw_length(i), checksum, name=name)
+
+
+def decode_frame_bytes(
+    compressed: bytes | memoryview,
+    i: int,
+    span: tuple[int, int],
+    expected: int,
+    checksum: bytes | None,
+    *,
+    name: str = "layer",
+) -> bytes:
+    """:func:`decode_frame` from what one frame's table entry says (its blob
+    ``span``, decoded length and SHA-512, None for an unverified layer), for
+    a process that holds no table (the fetch workers,
+    :mod:`lazyfs.fetch.offload`)."""
+    start, end = span
     if len(compressed) != end - start:
         raise IntegrityError(f"{name}: frame {i}: got {len(compressed)} bytes, span is {end - start}")
-    if table.hash_algo == HASH_SHA512:
+    if checksum is not None:
         digest = hashlib.sha512(compressed).digest()
-        if digest != table.checksums[i]:
+        if digest != checksum:
             raise IntegrityError(
                 f"{name}: frame {i} (bytes {start}-{end - 1}) SHA-512 mismatch: "
-                f"got {digest.hex()[:16]}..., table says {table.checksums[i].hex()[:16]}..."
+                f"got {digest.hex()[:16]}..., table says {checksum.hex()[:16]}..."
             )
-    expected = table.raw_length(i)
     try:
         params = zstandard.get_frame_parameters(compressed)
     except zstandard.ZstdError as exc:

@@ -50,6 +50,7 @@ from lazyfs.mount.state import (
 if TYPE_CHECKING:
     from cache import ChunkCache
     from lazyfs.fetch import Layer, ReadSettings
+    from lazyfs.fetch.offload import FetchWorkers
     from lazyfs.oci import RegistryOptions
 
 __all__ = ["MountConfig", "run_mount", "unwrap_group"]
@@ -89,6 +90,7 @@ class MountConfig:
     rootfs_allow_suid_dev: bool = False  # honour setuid bits and device nodes in the rootfs
     nonempty: bool = False  # mount over a directory that has entries
     started: float | None = None  # time.monotonic() when the command started (startup timings)
+    fetch_workers: int | None = None  # processes that fetch frames (None: one per spare core, see offload)
 
 
 def _read_settings() -> ReadSettings:
@@ -126,8 +128,9 @@ def run_mount(cfg: MountConfig) -> int:
         def ready(_: str | None) -> None:
             print(f"lazyerofs: mounted {redact_url(cfg.ref)} at {cfg.mountpoint}", file=sys.stderr, flush=True)
 
+        workers = _spawn_workers(cfg, keep_fds=())
         with unwrap_group():
-            trio.run(_serve, cfg, ready, timeline)
+            trio.run(_serve, cfg, ready, timeline, workers)
         return 0
 
     timeline.mark("checks")
@@ -153,6 +156,8 @@ def run_mount(cfg: MountConfig) -> int:
         os.dup2(devnull, fd)
     os.close(devnull)
     _setup_logging(cfg, log_stream)
+    # Before the pipe's handler is added: a worker must not hold it.
+    workers = _spawn_workers(cfg, keep_fds=(log_stream.fileno(),))
     pipe = ReadyPipe(write_fd)
     logging.getLogger().addHandler(pipe)
     timeline.mark("fork")
@@ -160,7 +165,7 @@ def run_mount(cfg: MountConfig) -> int:
     code = 0
     try:
         with unwrap_group():
-            trio.run(_serve, cfg, pipe.finish, timeline)
+            trio.run(_serve, cfg, pipe.finish, timeline, workers)
     except LazyErofsError as exc:
         pipe.finish(str(exc))  # first: the parent prints it once, as the error
         log.error("%s", exc)
@@ -173,6 +178,23 @@ def run_mount(cfg: MountConfig) -> int:
     if code == 0:
         discard_log(cfg.log_file, cfg.mountpoint)  # one log per mount, kept only after a failure
     os._exit(code)
+
+
+def _spawn_workers(cfg: MountConfig, *, keep_fds: tuple[int, ...]) -> FetchWorkers | None:
+    """Fork the mount's fetch workers (before trio starts: one thread, so
+    the fork is safe). None for a mount of a local blob, or with 0 asked."""
+    from cache import DEFAULT_MAX_BYTES, default_cache_dir
+    from lazyfs.fetch.offload import CacheSpec, FetchWorkers, default_workers
+
+    n = default_workers() if cfg.fetch_workers is None else cfg.fetch_workers
+    if n <= 0 or (cfg.descriptor_file is not None and os.path.exists(cfg.ref)):
+        return None
+    spec = CacheSpec(
+        root=str(cfg.cache_dir or default_cache_dir()),
+        max_bytes=DEFAULT_MAX_BYTES if cfg.cache_size is None else cfg.cache_size,
+        verify_at_rest=cfg.verify_at_rest,
+    )
+    return FetchWorkers.spawn(n, spec, keep_fds=keep_fds)
 
 
 def _open_cache(cfg: MountConfig) -> ChunkCache:
@@ -211,9 +233,10 @@ def _fuse_options(allow_other: bool) -> set[str]:
     return options
 
 
-async def _serve(cfg: MountConfig, notify: Notify, timeline: Timeline) -> None:
+async def _serve(cfg: MountConfig, notify: Notify, timeline: Timeline, workers: FetchWorkers | None = None) -> None:
     """Open the image, mount it, call ``notify(None)`` once it works, then
-    serve until a signal; every way out leaves nothing mounted."""
+    serve until a signal; every way out leaves nothing mounted. ``workers``:
+    fetch workers already forked (they stop when this returns)."""
     import pyfuse3
     import trio
 
@@ -235,6 +258,8 @@ async def _serve(cfg: MountConfig, notify: Notify, timeline: Timeline) -> None:
         log=cfg.log_file,
     )
     async with contextlib.AsyncExitStack() as stack:
+        if workers is not None:
+            await stack.enter_async_context(workers.running())
         image = await open_image(
             cfg.ref,
             descriptor_file=cfg.descriptor_file,
@@ -244,6 +269,7 @@ async def _serve(cfg: MountConfig, notify: Notify, timeline: Timeline) -> None:
             stack=stack,
             mark=timeline.mark,
             profile=ProfileOptions(lookup=cfg.profile_lookup, file=cfg.profile_file),
+            offload=workers,
         )
         files = image.files
         fs = LazyFS(

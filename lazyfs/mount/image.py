@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from cache import ChunkCache
     from lazyfs.fetch import BlobSource, FetchContext, Layer, OpenedLayer, ReadSettings
+    from lazyfs.fetch.offload import FetchWorkers
     from lazyfs.fetch.profile import DemandReads, ProfileRecorder, ProfileReplay
     from lazyfs.oci import Reference, RegistryClient, RegistryOptions
 
@@ -148,6 +149,7 @@ async def open_image(
     stack: contextlib.AsyncExitStack,
     mark: Callable[[str], None] = lambda _step: None,
     profile: ProfileOptions = ProfileOptions(lookup=False),
+    offload: FetchWorkers | None = None,
 ) -> Image:
     """Open the image ``ref`` names; its sources stay open until ``stack`` closes.
 
@@ -159,6 +161,7 @@ async def open_image(
     ``profile`` asks for is looked up alongside the chunk tables and
     replayed in a background task that lives until ``stack`` closes. A
     profile never fails a mount: a missing or bad one is a warning.
+    ``offload``: fetch workers (running) that carry out the layers' frame fetches.
 
     Raises:
         FormatError: a bad descriptor, or no EROFS layer to mount.
@@ -205,7 +208,7 @@ async def open_image(
         )
     # One per mount: limiter, demand, link estimate, budgets, and the
     # verified chunk tables kept beside the chunk cache.
-    context = FetchContext(table_store=TableStore(cache.root))
+    context = FetchContext(table_store=TableStore(cache.root), offload=offload)
     opened: list[OpenedLayer | None] = [None] * len(descs)
 
     async def open_one(i: int) -> None:
@@ -362,6 +365,8 @@ def stats(
             "bdp_bytes": link.bdp(),
             "filling": link.filling,
         }
+        if context.offload is not None:
+            out["fetch_workers"] = context.offload.statistics()
     if profile is not None:
         out["profile"] = profile.statistics()
     with contextlib.suppress(Exception):

@@ -13,6 +13,7 @@ import hashlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 import httpx
 import trio
@@ -21,6 +22,7 @@ from lazyfs.errors import FetchError, IntegrityError
 from lazyfs.oci.transport import (
     BlobStatistics,
     Counters,
+    RegistryOptions,
     Session,
     Transient,
     origin,
@@ -28,7 +30,7 @@ from lazyfs.oci.transport import (
     safe_url,
 )
 
-__all__ = ["RemoteBlob"]
+__all__ = ["BlobSpec", "RemoteBlob"]
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,19 @@ class _LowSpeed:
         self.mark_time, self.mark_bytes = now, self.received
 
 
+@dataclass(frozen=True)
+class BlobSpec:
+    """What it takes to open the same blob in another process (a fetch
+    worker, :mod:`lazyfs.fetch.offload`): no live state, picklable."""
+
+    options: RegistryOptions
+    url: str
+    host: str
+    scope: str
+    digest: str | None
+    size: int
+
+
 class RemoteBlob:
     """Exact byte ranges of one remote blob over HTTP range requests.
 
@@ -120,6 +135,16 @@ class RemoteBlob:
 
     def statistics(self) -> BlobStatistics:
         return self._counters.freeze()
+
+    def spec(self) -> BlobSpec:
+        """This blob, to be opened again elsewhere with :meth:`from_spec`."""
+        return BlobSpec(self._client.options, self.url, self._host, self._scope, self.digest, self.size)
+
+    @classmethod
+    def from_spec(cls, client: Session, spec: BlobSpec) -> RemoteBlob:
+        """The blob ``spec`` describes, read through ``client`` (whose
+        options should be ``spec.options``)."""
+        return cls(client, spec.url, host=spec.host, scope=spec.scope, digest=spec.digest, size=spec.size)
 
     async def read(self, offset: int, length: int) -> bytes:
         """Exactly bytes ``[offset, offset+length)`` of the blob, or an exception."""

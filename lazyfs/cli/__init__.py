@@ -45,6 +45,7 @@ COMMAND_MODULES = (
     "profile",
     "verify",
     "cache",
+    "service",
 )
 # Other names a command answers to (its module registers them as aliases).
 COMMAND_ALIASES = {"unmount": "umount"}
@@ -101,7 +102,18 @@ def _command_module(argv: Sequence[str]) -> str | None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(_command_module(argv))
+    command = _command_module(argv)
+    if command == "mount" and "lazyfs.cli.mount" not in sys.modules:
+        # A running `lazyerofs service` has the mount command imported
+        # already: hand the mount over (None: it is not there, mount here).
+        # Not where it is imported already (the service's own child, the
+        # snapshotter's zygote).
+        from lazyfs.cli.service import handoff
+
+        code = handoff(argv, STARTED)
+        if code is not None:
+            return code
+    parser = build_parser(command)
     args = parser.parse_args(argv)
     args.started = STARTED
     logging.basicConfig(

@@ -77,7 +77,8 @@ examples:
         action="store_true",
         help="with --rootfs: mount layers through loop devices even where the kernel can mount files",
     )
-    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    p.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr (never through 'lazyerofs service')")
+    p.add_argument("--no-service", action="store_true", help="mount in this process even when 'lazyerofs service' runs")
     p.add_argument("--log-file", metavar="FILE", help="daemon log (default: /run/lazyerofs/<id>.log)")
     g = p.add_argument_group("cache")
     g.add_argument("--cache-dir", metavar="DIR", help="chunk cache directory (default: /var/cache/lazyerofs as root)")

@@ -460,9 +460,8 @@ class FrameStore:
         if workers is None or self._remote is None or not workers.ready_for(self._remote):
             return False
         table = self.table
-        verified = table.hash_algo == seekable.HASH_SHA512
         jobs = [
-            FrameJob(i, table.span(i), table.raw_length(i), table.checksums[i] if verified else None, self.key(i))
+            FrameJob(i, table.span(i), table.raw_length(i), seekable.frame_checksum(table, i), self.key(i))
             for i in run
         ]
         start = table.span(run[0])[0]

@@ -49,6 +49,7 @@ _WHERE = {
             "LayerDescriptor",
             "decode_frame",
             "decode_frame_bytes",
+            "frame_checksum",
             "load_descriptor",
             "parse_chunk_table",
             "parse_decimal",

@@ -51,6 +51,7 @@ __all__ = [
     "LayerDescriptor",
     "decode_frame",
     "decode_frame_bytes",
+    "frame_checksum",
     "load_descriptor",
     "parse_chunk_table",
     "parse_decimal",
@@ -446,8 +447,12 @@ def decode_frame(table: ChunkTable, i: int, compressed: bytes, *, name: str = "l
     ``max_output_size``), then the frame is decompressed with a hard output
     cap and its length checked.
     """
-    checksum = table.checksums[i] if table.hash_algo == HASH_SHA512 else None
-    return decode_frame_bytes(compressed, i, table.span(i), table.raw_length(i), checksum, name=name)
+    return decode_frame_bytes(compressed, i, table.span(i), table.raw_length(i), frame_checksum(table, i), name=name)
+
+
+def frame_checksum(table: ChunkTable, i: int) -> bytes | None:
+    """The SHA-512 frame ``i`` must hash to, or None for a table without checksums."""
+    return table.checksums[i] if table.hash_algo == HASH_SHA512 else None
 
 
 def decode_frame_bytes(

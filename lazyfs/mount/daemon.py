@@ -183,22 +183,25 @@ def run_mount(cfg: MountConfig) -> int:
 def _spawn_workers(cfg: MountConfig, *, keep_fds: tuple[int, ...]) -> FetchWorkers | None:
     """Fork the mount's fetch workers (before trio starts: one thread, so
     the fork is safe). None for a mount of a local blob, or with 0 asked."""
-    from cache import DEFAULT_MAX_BYTES, default_cache_dir
     from lazyfs.fetch.offload import CacheSpec, FetchWorkers, default_workers
 
     n = default_workers() if cfg.fetch_workers is None else cfg.fetch_workers
     if n <= 0 or (cfg.descriptor_file is not None and os.path.exists(cfg.ref)):
         return None
-    spec = CacheSpec(
-        root=str(cfg.cache_dir or default_cache_dir()),
-        max_bytes=DEFAULT_MAX_BYTES if cfg.cache_size is None else cfg.cache_size,
-        verify_at_rest=cfg.verify_at_rest,
-    )
-    return FetchWorkers.spawn(n, spec, keep_fds=keep_fds)
+    root, max_bytes = _cache_place(cfg)
+    return FetchWorkers.spawn(n, CacheSpec(root, max_bytes, cfg.verify_at_rest), keep_fds=keep_fds)
+
+
+def _cache_place(cfg: MountConfig) -> tuple[str, int]:
+    """The chunk cache's directory and disk budget, defaults applied (the
+    daemon and its fetch workers open the same)."""
+    from cache import DEFAULT_MAX_BYTES, default_cache_dir
+
+    return str(cfg.cache_dir or default_cache_dir()), DEFAULT_MAX_BYTES if cfg.cache_size is None else cfg.cache_size
 
 
 def _open_cache(cfg: MountConfig) -> ChunkCache:
-    from cache import DEFAULT_MAX_BYTES, CacheError, ChunkCache, default_cache_dir
+    from cache import CacheError, ChunkCache
     from lazyfs.fetch.context import memory_cache_share
 
     try:
@@ -207,9 +210,10 @@ def _open_cache(cfg: MountConfig) -> ChunkCache:
     except ValueError as exc:
         raise MountError(f"--memory-cache: {exc}") from exc
     try:
+        root, max_bytes = _cache_place(cfg)
         return ChunkCache(
-            cfg.cache_dir or default_cache_dir(),
-            max_bytes=DEFAULT_MAX_BYTES if cfg.cache_size is None else cfg.cache_size,
+            root,
+            max_bytes=max_bytes,
             memory_bytes=memory_bytes,
             verify_at_rest=cfg.verify_at_rest,
         )

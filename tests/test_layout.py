@@ -259,6 +259,26 @@ def test_build_with_a_profile_is_reproducible_and_writes_the_translated_profile(
     assert translated.layers[0].frames[0] == 0  # the hot part starts the image
 
 
+def test_hot_level_is_checked_and_needs_a_profile(tmp_path: Path):
+    need("mkfs.erofs")
+    tree = make_tree(tmp_path / "tree")
+    paths = tmp_path / "paths.txt"
+    paths.write_text("/usr/lib/libhot.so\n")
+    blob = tmp_path / "out.blob"
+    alone = lazyerofs("build", str(tree), "-o", str(blob), "--hot-level", "19", check=False)
+    assert alone.returncode != 0 and "need --profile" in alone.stderr
+    bad = lazyerofs("build", str(tree), "-o", str(blob), "--profile", str(paths), "--hot-level", "99", check=False)
+    assert bad.returncode != 0 and "--hot-level must be between" in bad.stderr
+    assert not blob.exists()
+    # The hot part at level 19 makes a smaller blob than at level 3.
+    sizes = {}
+    for level in ("3", "19"):
+        out = tmp_path / f"{level}.blob"
+        lazyerofs("build", str(tree), "-o", str(out), "--chunk-size", "16KiB", "--profile", str(paths), "--hot-level", level)
+        sizes[level] = json.loads(Path(f"{out}.json").read_text())
+    assert sizes["19"]["size"] < sizes["3"]["size"]
+
+
 def test_a_compressed_image_is_refused_with_a_clear_error(tmp_path: Path):
     need("mkfs.erofs")
     tree = make_tree(tmp_path / "tree")

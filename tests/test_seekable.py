@@ -23,10 +23,14 @@ TABLE_OFFSET = seekable.ANNOTATION_TABLE_OFFSET
 CHUNK_DIGEST = seekable.ANNOTATION_CHUNK_DIGEST
 
 
-def decode_all(data: bytes, descriptor: dict, *, verify: bool = True) -> bytes:
+def _table(data: bytes, descriptor: dict, *, verify: bool = True) -> seekable.ChunkTable:
     desc = seekable.parse_descriptor(descriptor)
     assert desc.table_offset is not None
-    table = seekable.read_chunk_table(data[desc.table_offset : desc.table_end], desc, verify=verify)
+    return seekable.read_chunk_table(data[desc.table_offset : desc.table_end], desc, verify=verify)
+
+
+def decode_all(data: bytes, descriptor: dict, *, verify: bool = True) -> bytes:
+    table = _table(data, descriptor, verify=verify)
     return b"".join(
         seekable.decode_frame(table, i, data[slice(*table.span(i))]) for i in range(table.frame_count)
     )
@@ -75,6 +79,26 @@ def test_encoder_output_decodes_frame_by_frame(tmp_path: Path, erofs_image: Path
     result = encode_image(erofs_image, blob, chunk_size=300_000)
     assert decode_all(blob.read_bytes(), result.descriptor) == erofs_image.read_bytes()
     assert result.frame_count == -(-erofs_image.stat().st_size // 300_000)
+
+
+def test_hot_frames_are_compressed_at_the_hot_level_and_the_rest_as_before(tmp_path: Path):
+    # Compressible, non-trivial bytes: levels 1 and 19 give different frames.
+    rng = random.Random(7)
+    words = [bytes(rng.choices(range(97, 123), k=rng.randint(3, 9))) for _ in range(300)]
+    raw = b" ".join(rng.choice(words) for _ in range(120_000))[: 8 * 65536]
+    image = tmp_path / "img"
+    image.write_bytes(raw)
+    plain = encode_image(image, tmp_path / "plain", chunk_size=65536, level=1)
+    hot = encode_image(image, tmp_path / "hot", chunk_size=65536, level=1, hot_bytes=3 * 65536 - 1, hot_level=19)
+    encode_image(image, tmp_path / "again", chunk_size=65536, level=1, hot_bytes=3 * 65536 - 1, hot_level=19)
+    assert (tmp_path / "hot").read_bytes() == (tmp_path / "again").read_bytes()  # still reproducible
+    blobs = {name: (tmp_path / name).read_bytes() for name in ("plain", "hot")}
+    tables = {k: _table(blobs[k], r.descriptor) for k, r in (("plain", plain), ("hot", hot))}
+    frames = {k: [blobs[k][slice(*t.span(i))] for i in range(t.frame_count)] for k, t in tables.items()}
+    # The three frames that start in the hot part are smaller; every later one is the same bytes.
+    assert all(len(frames["hot"][i]) < len(frames["plain"][i]) for i in range(3))
+    assert frames["hot"][3:] == frames["plain"][3:]
+    assert decode_all(blobs["hot"], hot.descriptor) == raw
 
 
 def test_independent_encoder_blob_without_content_size_parses_and_decodes():

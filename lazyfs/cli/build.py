@@ -80,6 +80,15 @@ def add_profile_options(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="with --profile: write the profile translated to the new layout (for 'profile push')",
     )
+    p.add_argument(
+        "--hot-level",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --profile: zstd level of the frames of the hot part, which every lazy start fetches "
+        "(default: 19, about 15%% fewer bytes than level 3 at a few seconds of build time; decoding is "
+        "as fast; --hot-level 3 compresses it like the rest)",
+    )
 
 
 def add_encode_options(p: argparse.ArgumentParser) -> None:
@@ -179,7 +188,7 @@ def _build_optimized(args: argparse.Namespace) -> EncodeResult:
 
     result, report = build_optimized_blob(
         args.src, args.output, args.profile, chunk_size=args.chunk_size,
-        profile_layer=args.profile_layer, level=args.level, dm_verity=args.dm_verity,
+        profile_layer=args.profile_layer, level=args.level, hot_level=hot_level(args), dm_verity=args.dm_verity,
         verity_block_size=args.verity_block_size, source_date_epoch=args.source_date_epoch,
         progress=_progress_printer(os.path.basename(args.output)) if sys.stderr.isatty() else None,
         link=args.link, on_choice=lambda choice: report_choice(choice, args.verbose),
@@ -210,10 +219,17 @@ def describe_layout(report: object) -> str:
     return line
 
 
+def hot_level(args: argparse.Namespace) -> int:
+    """``--hot-level``, or the library's default."""
+    from lazyfs.produce.build import DEFAULT_HOT_LEVEL
+
+    return DEFAULT_HOT_LEVEL if args.hot_level is None else int(args.hot_level)
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    if (args.profile_out or args.profile_layer) and not args.profile:
-        raise LazyErofsError("--profile-out and --profile-layer need --profile")
+    if (args.profile_out or args.profile_layer or args.hot_level is not None) and not args.profile:
+        raise LazyErofsError("--profile-out, --profile-layer and --hot-level need --profile")
     try:
         result = _build_optimized(args) if args.profile else encode_source(args.src, args.output, args)
         desc_path = write_descriptor(args.output, result)

@@ -32,6 +32,7 @@ from lazyfs.cli.build import (
     add_auto_options,
     add_profile_options,
     describe_layout,
+    hot_level,
     report_choice,
 )
 from lazyfs.errors import FormatError, IntegrityError, LazyErofsError
@@ -151,6 +152,7 @@ async def optimize_image(
     *,
     chunk_size: int | str | None = None,
     level: int = 3,
+    hot_level: int | None = None,
     push_profile: bool = True,
     profile_out: str | None = None,
     workdir: str | None = None,
@@ -159,7 +161,8 @@ async def optimize_image(
 ) -> OptimizeReport:
     """Optimize ``src`` for the start ``profile_path`` recorded and push it as ``dst``.
 
-    ``chunk_size="auto"`` measures each new layer's frame size for ``link``
+    The frames of each layer's hot part are compressed at ``hot_level``
+    (None: at ``level``). ``chunk_size="auto"`` measures each new layer's frame size for ``link``
     on the ranges the profile's
     reads moved to; ``on_choice(layer, ChunkChoice)`` hears each choice.
     """
@@ -236,7 +239,10 @@ async def optimize_image(
                 chunk = chunk_size or table_chunk or (4 << 20)
             verity = bool((desc.get("annotations") or {}).get(ANNOTATION_VERITY_ROOT))
             result = await trio.to_thread.run_sync(
-                functools.partial(encode_image, laid, out, chunk_size=chunk, level=level, dm_verity=verity, fsync=False)
+                functools.partial(
+                    encode_image, laid, out, chunk_size=chunk, level=level, hot_bytes=layout.hot_end,
+                    hot_level=hot_level, dm_verity=verity, fsync=False,
+                )
             )
             new = dict(result.descriptor)
             kept = {
@@ -327,13 +333,17 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.profile:
         raise LazyErofsError("optimize needs --profile FILE (from 'lazyerofs profile save', or a list of paths)")
+    from lazyfs.produce.build import check_level
+
+    check_level(args.level, "--level")
+    check_level(hot_level(args), "--hot-level")
     src, dst = parse_reference(args.src), parse_reference(args.dst)
     options = options_from_args(args)
 
     async def go() -> OptimizeReport:
         async with RegistryClient(options) as client:
             return await optimize_image(
-                client, src, dst, args.profile, chunk_size=args.chunk_size, level=args.level,
+                client, src, dst, args.profile, chunk_size=args.chunk_size, level=args.level, hot_level=hot_level(args),
                 push_profile=not args.no_push_profile, profile_out=args.profile_out, workdir=args.workdir,
                 link=args.link, on_choice=lambda what, choice: report_choice(choice, args.verbose, what),
             )  # fmt: skip

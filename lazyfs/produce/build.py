@@ -22,7 +22,12 @@ if TYPE_CHECKING:
     from lazyfs.produce.chunksize import ChunkChoice, Link
     from lazyfs.produce.layout import LayoutReport
 
-__all__ = ["build_blob", "build_optimized_blob", "write_descriptor"]
+__all__ = ["DEFAULT_HOT_LEVEL", "build_blob", "build_optimized_blob", "check_level", "write_descriptor"]
+
+# The hot part of a profile-guided layout is what every lazy start fetches:
+# at level 19 it is ~15% smaller than at level 3 (the cold-start image's
+# imports: 8.4 vs 9.8 MB), costs seconds of build time, and decodes as fast.
+DEFAULT_HOT_LEVEL = 19
 
 
 def build_blob(
@@ -98,6 +103,7 @@ def build_optimized_blob(
     chunk_size: int | str,
     profile_layer: str | None = None,
     level: int = 3,
+    hot_level: int | None = DEFAULT_HOT_LEVEL,
     dm_verity: bool = False,
     verity_block_size: int = 4096,
     source_date_epoch: int | None = None,
@@ -114,12 +120,15 @@ def build_optimized_blob(
     plain image of the same SRC (builds are reproducible), at the profile
     layer's chunk size. Reproducible too: same SRC, profile and options,
     same bytes. With ``chunk_size="auto"`` the size is measured on the new
-    image, for the ranges the profile's reads moved to.
+    image, for the ranges the profile's reads moved to. The frames of the
+    hot part are compressed at ``hot_level`` (None: at ``level``).
     """
     from lazyfs.produce.layout import read_hints, relocate_image
 
     path, out_dir = _check_paths(src, output)
     _check_options(chunk_size, level)
+    if hot_level is not None:
+        check_level(hot_level, "--hot-level")
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
         if path.is_dir():
             image = os.path.join(tmp, "plain.erofs")
@@ -139,8 +148,8 @@ def build_optimized_blob(
             touched=[(s, e) for s, e, _ms in report.new_ranges], basis=touched_basis(report, profile),
         )  # fmt: skip
         result = encode_image(
-            laid_out, output, chunk_size=chunk, level=level, dm_verity=dm_verity,
-            verity_block_size=verity_block_size, progress=progress,
+            laid_out, output, chunk_size=chunk, level=level, hot_bytes=report.hot_end, hot_level=hot_level,
+            dm_verity=dm_verity, verity_block_size=verity_block_size, progress=progress,
         )  # fmt: skip
     return result, report
 
@@ -174,10 +183,15 @@ def _check_options(chunk_size: int | str, level: int) -> None:
         raise FormatError(
             f"--chunk-size must be between 1 byte and {format_size(MAX_CHUNK_SIZE)}, not {chunk_size}"
         )
+    check_level(level, "--level")
+
+
+def check_level(level: int, option: str) -> None:
+    """FormatError unless ``level`` is a zstd compression level."""
     # zstd's fastest negative level is -(1 << 17) (ZSTD_minCLevel).
     lo, hi = -(1 << 17), zstandard.MAX_COMPRESSION_LEVEL
     if not lo <= level <= hi:
-        raise FormatError(f"--level must be between {lo} and {hi}, not {level}")
+        raise FormatError(f"{option} must be between {lo} and {hi}, not {level}")
 
 
 def write_descriptor(blob: str, result: EncodeResult) -> str:

@@ -187,18 +187,40 @@ def derive(measurements: list[dict[str, Any]], meta: dict[str, Any]) -> dict[str
         "rows": rows,
         "touched": fractions,
         "rtt_slopes": slopes,
-        "targets": targets(rows, local, meta),
+        "targets": targets(rows, local, meta, superblock_frames(measurements)),
     }
 
 
-def targets(rows: list[dict[str, Any]], local: dict[tuple[int, str], float], meta: dict[str, Any]) -> list[dict[str, Any]]:
+def superblock_frames(measurements: list[dict[str, Any]]) -> dict[int, int]:
+    """Compressed bytes of every layer's frame 0 (its superblock, which the
+    kernel must read before a layer mounts), per chunk size, from the touch
+    logs of the lazy runs."""
+    out: dict[int, int] = {}
+    for m in measurements:
+        if m["strategy"] not in ("lazy", "lazy-ondemand") or m["chunk_size"] in out:
+            continue
+        log = (m.get("detail") or {}).get("touch_log") or []
+        spans = [end - start for layer in log for (start, end), i in zip(layer["spans"], layer["frames"], strict=True) if i == 0]
+        if log and len(spans) == len(log):
+            out[m["chunk_size"]] = sum(spans)
+    return out
+
+
+def targets(
+    rows: list[dict[str, Any]],
+    local: dict[tuple[int, str], float],
+    meta: dict[str, Any],
+    superblocks: dict[int, int] | None = None,
+) -> list[dict[str, Any]]:
     """Issue 12's "must show" checks, one per point and target: the bound,
     the measured value, met or not.
 
     * default lazy <= 0.8 x eager at 100 Mbit/s, <= 1.0 x eager everywhere;
     * lazy+profile <= 1.2 x the limit (which includes the local run time);
-    * ready <= 4 RTT + first frames + 0.25 s, first frames taken as manifest
-      + chunk tables at the link's bandwidth (the default lazy run);
+    * ready <= 4 RTT + first frames + 0.25 s, first frames taken as the
+      manifest, the chunk tables and every layer's frame 0 (the superblock
+      the kernel reads to mount it; ``superblocks``, per chunk size) at the
+      link's bandwidth (the default lazy run);
     * warm mount <= 0.3 s; warm workload <= 2 x local disk + 0.3 s.
     """
     by = {(r["chunk_size"], r["rtt_ms"], r["mbit"], r["workload"], r["strategy"]): r for r in rows}
@@ -225,6 +247,7 @@ def targets(rows: list[dict[str, Any]], local: dict[tuple[int, str], float], met
         if lazy:
             img = meta["images"].get(str(chunk))
             head = (img["manifest_bytes"] + sum(la["table_bytes"] for la in img["layers"])) if img else 0
+            head += (superblocks or {}).get(chunk, 0)
             bound = 4 * rtt_ms / 1000 + head / link_bps(meta, mbit) + 0.25
             check(key, "ready <= 4 RTT + first frames + 0.25 s", lazy["ready_s"], bound)
         if warm:
@@ -329,6 +352,9 @@ def markdown(derived: dict[str, Any], meta: dict[str, Any]) -> str:
         lines += [
             "",
             "## Issue 12 targets",
+            "",
+            "First frames (the ready target): the manifest, the chunk tables and every layer's frame 0 (its "
+            "superblock, which the kernel reads before the layer mounts) at the link's measured rate.",
             "",
             "| target | points met | points missed | worst value / bound |",
             "|---|---:|---:|---|",

@@ -252,9 +252,8 @@ class FrameStore:
     async def _landed(self, i: int, lo: int, hi: int, *, whole: bool, priority: Priority) -> bytes:
         """Bytes ``[lo, hi)`` of frame ``i``, which a fetch worker has just
         written to the cache; fetched again if it was evicted since."""
-        data = self.cache.read_nowait(self.key(i), self.table.raw_length(i), lo, hi - lo)
-        if data is None:
-            data = await self._cached(i, lo, hi, whole=whole)
+        # Not a cache hit: the frame was fetched for this read.
+        data = await self._cached(i, lo, hi, whole=whole, count=False)
         if data is None:
             self._present.discard(i)
             log.info("%s: frame %d left the cache as soon as it landed; fetching it again", self.name, i)
@@ -289,10 +288,11 @@ class FrameStore:
             claimed.append(k)
         return claimed
 
-    async def _cached(self, i: int, lo: int, hi: int, *, whole: bool = False) -> bytes | None:
+    async def _cached(self, i: int, lo: int, hi: int, *, whole: bool = False, count: bool = True) -> bytes | None:
         """Bytes ``[lo, hi)`` of frame ``i`` from the cache, or None on a miss.
         Only those bytes are read from disk, unless ``whole`` (a sequential
-        reader): then the frame is loaded whole, once for all its readers."""
+        reader): then the frame is loaded whole, once for all its readers.
+        ``count``: the outcome counts as a cache hit or miss."""
         key, size = self.key(i), self.table.raw_length(i)
         cache = self.cache
         # Hot bytes (memory, or an open entry in the page cache): no thread hop.
@@ -308,11 +308,13 @@ class FrameStore:
                 data = await trio.to_thread.run_sync(cache.read, key, size, lo, hi - lo, limiter=self.io_limiter)
                 if data is None:
                     self._present.discard(i)  # evicted
-        if data is None:
-            self.stats.cache_misses += 1
-        else:
-            self.stats.cache_hits += 1
+        if data is not None:
             self._present.add(i)
+        if count:
+            if data is None:
+                self.stats.cache_misses += 1
+            else:
+                self.stats.cache_hits += 1
         return data
 
     async def _load_whole(self, i: int) -> bytes | None:

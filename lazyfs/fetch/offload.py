@@ -168,6 +168,17 @@ async def _receive(sock: trio.socket.SocketType) -> Any:
 # -- the daemon's side ---------------------------------------------------------
 
 
+class _Reply:
+    """One request's answer: set when it arrives, or when the worker is
+    gone (``value`` stays None)."""
+
+    __slots__ = ("arrived", "value")
+
+    def __init__(self) -> None:
+        self.arrived = trio.Event()
+        self.value: Any = None
+
+
 class _Worker:
     __slots__ = ("alive", "asked", "lock", "outstanding", "pending", "pid", "sock", "stream", "warm")
 
@@ -176,7 +187,7 @@ class _Worker:
         self.sock = sock  # a plain socket until running() wraps it
         self.stream: trio.SocketStream | None = None
         self.lock: trio.Lock | None = None
-        self.pending: dict[int, list[Any]] = {}  # request id -> [event, reply]
+        self.pending: dict[int, _Reply] = {}  # by request id
         self.outstanding = 0  # bytes of runs it holds
         self.alive = True
         # Registries (origin and scope) it has a connection and credentials
@@ -298,8 +309,7 @@ class FetchWorkers:
         """Send ``request`` (its kind, then its arguments) and wait for the answer."""
         self._next_id += 1
         rid = self._next_id
-        slot: list[Any] = [trio.Event(), None]
-        worker.pending[rid] = slot
+        reply = worker.pending[rid] = _Reply()
         worker.outstanding += weight
         try:
             assert worker.stream is not None and worker.lock is not None
@@ -307,13 +317,13 @@ class FetchWorkers:
                 await _send(worker.stream, worker.lock, (request[0], rid, *request[1:]))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 self._lost(worker, f"cannot send to it: {exc!r}")
-            await slot[0].wait()
+            await reply.arrived.wait()
         finally:
             worker.pending.pop(rid, None)
             worker.outstanding -= weight
-        if slot[1] is None:
+        if reply.value is None:
             raise WorkerGone(f"fetch worker {worker.pid} exited")
-        return slot[1]
+        return reply.value
 
     async def _read_answers(self, w: _Worker, sock: trio.socket.SocketType) -> None:
         try:
@@ -322,10 +332,10 @@ class FetchWorkers:
                 if message is None:
                     break
                 rid, outcome = message
-                slot = w.pending.get(rid)
-                if slot is not None:  # else its asker gave up (cancelled)
-                    slot[1] = outcome
-                    slot[0].set()
+                reply = w.pending.get(rid)
+                if reply is not None:  # else its asker gave up (cancelled)
+                    reply.value = outcome
+                    reply.arrived.set()
         except (OSError, LazyErofsError, pickle.UnpicklingError, trio.ClosedResourceError) as exc:
             self._lost(w, f"its channel failed: {exc!r}")
         else:
@@ -343,8 +353,8 @@ class FetchWorkers:
 
     @staticmethod
     def _fail_pending(w: _Worker) -> None:
-        for slot in w.pending.values():
-            slot[0].set()  # reply stays None: WorkerGone
+        for reply in w.pending.values():
+            reply.arrived.set()  # value stays None: WorkerGone
 
     def statistics(self) -> dict[str, object]:
         return {

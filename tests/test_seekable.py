@@ -99,6 +99,9 @@ def test_hot_frames_are_compressed_at_the_hot_level_and_the_rest_as_before(tmp_p
     assert all(len(frames["hot"][i]) < len(frames["plain"][i]) for i in range(3))
     assert frames["hot"][3:] == frames["plain"][3:]
     assert decode_all(blobs["hot"], hot.descriptor) == raw
+    # Still plain zstd frames to any other reader.
+    subprocess.run(["zstd", "-d", "-q", "-f", str(tmp_path / "hot"), "-o", str(tmp_path / "out")], check=True)
+    assert (tmp_path / "out").read_bytes() == raw
 
 
 def test_independent_encoder_blob_without_content_size_parses_and_decodes():
